@@ -1,0 +1,127 @@
+"""Process groups, devices, network regimes, and launching local ranks.
+
+Commands run under ``torchrun`` (RANK/WORLD_SIZE in the environment) or launch
+``--nproc`` local ranks themselves through torch's elastic launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+NETWORK_ENV: dict[str, dict[str, str]] = {
+    "nvlink": {},
+    "ib400": {"NCCL_MAX_NCHANNELS": "2"},
+    "ib100": {"NCCL_P2P_DISABLE": "1", "NCCL_MAX_NCHANNELS": "1"},
+    "eth": {
+        "NCCL_P2P_DISABLE": "1",
+        "NCCL_SHM_DISABLE": "1",
+        "NCCL_IB_DISABLE": "1",
+        "NCCL_SOCKET_IFNAME": "lo",
+    },
+}
+"""NCCL settings that make one NVLink host behave like slower interconnects."""
+
+SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+"""NVLink multicast stays off: lancet never needs it."""
+
+
+def apply_network_env(network: str) -> None:
+    """Set the NCCL environment of a regime; must run before the first NCCL communicator exists."""
+    if network not in NETWORK_ENV:
+        raise ValueError(f"unknown network regime {network!r}; choose one of {', '.join(NETWORK_ENV)}")
+    for key, value in {**SAFE_NCCL_ENV, **NETWORK_ENV[network]}.items():
+        os.environ[key] = value
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def default_nproc() -> int:
+    """All local GPUs, or 2 CPU ranks when there is no GPU."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 2
+
+
+def planned_world_size(nproc: int | None) -> int:
+    """World size the command will run with, known before any rank starts."""
+    if under_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return nproc if nproc is not None else default_nproc()
+
+
+@dataclass(slots=True)
+class Runtime:
+    """What a rank needs to know about where it runs."""
+
+    group: dist.ProcessGroup
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def init_runtime() -> Runtime:
+    """Initialise the default process group: NCCL with one GPU per rank, else gloo on CPU."""
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {"backend": "nccl" if use_cuda else "gloo"}
+        if use_cuda:
+            kwargs["device_id"] = device
+        dist.init_process_group(**kwargs)
+    group = dist.group.WORLD
+    return Runtime(group=group, rank=dist.get_rank(group), world_size=dist.get_world_size(group), device=device)
+
+
+def shutdown_runtime() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def launch(entrypoint: Callable[..., Any], args: tuple, nproc: int | None) -> Any:
+    """Run ``entrypoint(*args)`` on every rank: in place under torchrun, else on ``nproc`` local ranks.
+
+    Returns rank 0's return value.
+    """
+    if under_torchrun():
+        return entrypoint(*args)
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nproc = nproc if nproc is not None else default_nproc()
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {nproc}")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"lancet-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    results = elastic_launch(config, entrypoint)(*args)
+    return results[0]

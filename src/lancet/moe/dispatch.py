@@ -1,0 +1,117 @@
+"""Token dispatch and combine through an irregular all-to-all.
+
+Shape legend: T tokens on this rank, K choices per token, A = T*K assignments,
+E experts in total, W ranks, L = E / W local experts, M model dim,
+S rows this rank sends (kept assignments), R rows it receives.
+
+Expert e lives on rank e // L as local expert e % L. The path is:
+
+    sort kept assignments by destination expert (stable: original order kept)
+    -> counts exchange (a fixed-size all-to-all of E ints)
+    -> host reads the split sizes (one sync)
+    -> all-to-all of exactly the kept rows (no padding to capacity)
+    -> regroup received rows by local expert -> experts -> undo regrouping
+    -> reverse all-to-all -> weighted combine into token order
+
+With ``group=None`` the same code runs in one process holding all experts
+(no collectives), which is the reference the distributed path must match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor
+
+from lancet.moe.gates import Routing
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+@dataclass(slots=True)
+class DispatchPlan:
+    """Where every kept assignment goes, and the split sizes of both all-to-alls."""
+
+    token_of_row_S: Tensor
+    """Token index of each sent row, rows sorted by destination expert."""
+    weight_of_row_S: Tensor
+    """Combine weight of each sent row."""
+    send_splits: list[int]
+    recv_splits: list[int]
+    recv_counts_WL: Tensor
+    """Rows received from each source rank for each local expert."""
+
+
+def plan_dispatch(routing: Routing, num_experts: int, group: dist.ProcessGroup | None) -> DispatchPlan:
+    """Sort kept assignments by expert and exchange counts; one host sync for split sizes."""
+    world = group_size(group)
+    local_experts = num_experts // world
+    expert_A = routing.expert_TK.reshape(-1)
+    keep_A = routing.keep_TK.reshape(-1)
+    choices = routing.expert_TK.shape[1]
+    # Dropped assignments get the sentinel destination E and sort to the end.
+    destination_A = torch.where(keep_A, expert_A, torch.full_like(expert_A, num_experts))
+    order_A = torch.argsort(destination_A, stable=True)
+    counts_E = torch.zeros(num_experts + 1, dtype=torch.int64, device=expert_A.device)
+    counts_E = counts_E.index_add(0, destination_A, torch.ones_like(destination_A))[:num_experts]
+    if group is None:
+        recv_counts_E = counts_E
+    else:
+        recv_counts_E = funcol.wait_tensor(funcol.all_to_all_single(counts_E, None, None, group))
+    send_W = counts_E.view(world, local_experts).sum(dim=1)
+    recv_W = recv_counts_E.view(world, local_experts).sum(dim=1)
+    splits = torch.cat([send_W, recv_W]).tolist()
+    send_splits, recv_splits = splits[:world], splits[world:]
+    for size in splits:
+        torch._check(size >= 0)
+    num_sent = sum(send_splits)
+    torch._check(num_sent <= expert_A.shape[0])
+    sent_order_S = order_A[:num_sent]
+    return DispatchPlan(
+        token_of_row_S=torch.div(sent_order_S, choices, rounding_mode="floor"),
+        weight_of_row_S=routing.weight_TK.reshape(-1)[sent_order_S],
+        send_splits=send_splits,
+        recv_splits=recv_splits,
+        recv_counts_WL=recv_counts_E.view(world, local_experts),
+    )
+
+
+def exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup | None) -> Tensor:
+    """Irregular all-to-all with autograd; identity in a single process."""
+    if group is None:
+        return rows
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, out_splits, in_splits, group))
+
+
+@dataclass(slots=True)
+class LocalGroups:
+    """Received rows regrouped by local expert."""
+
+    perm_R: Tensor
+    """Received row order that groups rows by local expert (stable within an expert)."""
+    expert_of_row_R: Tensor
+    """Local expert of each regrouped row."""
+    offsets_L: Tensor
+    """Cumulative row ends per local expert (int32, as grouped GEMMs take them)."""
+
+
+def group_by_local_expert(recv_counts_WL: Tensor, num_received: int) -> LocalGroups:
+    """Received rows arrive ordered (source rank, local expert); reorder to (local expert, source rank)."""
+    world, local_experts = recv_counts_WL.shape
+    expert_ids = torch.arange(local_experts, device=recv_counts_WL.device).repeat(world)
+    expert_of_received_R = torch.repeat_interleave(expert_ids, recv_counts_WL.reshape(-1), output_size=num_received)
+    perm_R = torch.argsort(expert_of_received_R, stable=True)
+    offsets_L = torch.cumsum(recv_counts_WL.sum(dim=0), dim=0).to(torch.int32)
+    return LocalGroups(perm_R=perm_R, expert_of_row_R=expert_of_received_R[perm_R], offsets_L=offsets_L)
+
+
+def combine(rows_SM: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+    """Weighted sum of each token's returned rows; dropped tokens get zeros."""
+    weighted_SM = rows_SM * plan.weight_of_row_S[:, None].to(rows_SM.dtype)
+    out_TM = rows_SM.new_zeros(num_tokens, rows_SM.shape[1])
+    return out_TM.index_add(0, plan.token_of_row_S, weighted_SM)

@@ -1,0 +1,111 @@
+"""Expert FFNs as grouped GEMMs over rows already grouped by local expert.
+
+Shape legend: N rows (received tokens), K input features, O output features,
+G groups (local experts).
+
+The GEMM is a custom op (``lancet::grouped_mm``) so that it traces in any dtype
+(``torch._grouped_mm``'s fake kernel accepts bf16 only) and so that its backward
+is two separate graph nodes: ``lancet::grouped_mm`` on the transposed weight
+(the input gradient, dX) and ``lancet::grouped_mm_dw`` (the weight gradient,
+dW). The dW pass can then move the weight-gradient half on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def native_grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs these operands (CUDA sm90+, bf16, aligned)."""
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(x.device) < (9, 0):
+        return False
+    # 16-byte alignment of the inner dims (8 bf16 elements).
+    return x.shape[-1] % 8 == 0 and w.shape[-1] % 8 == 0
+
+
+def _group_bounds(offsets: Tensor) -> list[tuple[int, int]]:
+    ends = offsets.tolist()
+    starts = [0] + ends[:-1]
+    return list(zip(starts, ends))
+
+
+@torch.library.custom_op("lancet::grouped_mm", mutates_args=())
+def grouped_mm(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    """out[rows of group g] = x[rows of group g] @ w[g]; offsets are int32 cumulative row ends."""
+    if native_grouped_mm_supported(x, w):
+        return torch._grouped_mm(x, w, offs=offsets)
+    out = x.new_zeros(x.shape[0], w.shape[2])
+    for g, (start, end) in enumerate(_group_bounds(offsets)):
+        if end > start:
+            torch.mm(x[start:end], w[g], out=out[start:end])
+    return out
+
+
+@grouped_mm.register_fake
+def _grouped_mm_fake(x: Tensor, w: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[2])
+
+
+@torch.library.custom_op("lancet::grouped_mm_dw", mutates_args=())
+def grouped_mm_dw(x: Tensor, dy: Tensor, offsets: Tensor) -> Tensor:
+    """Weight gradient of grouped_mm: dw[g] = x[rows of g]^T @ dy[rows of g]."""
+    num_groups = offsets.shape[0]
+    if native_grouped_mm_supported(x, dy):
+        return torch._grouped_mm(x.t(), dy, offs=offsets)
+    out = x.new_zeros(num_groups, x.shape[1], dy.shape[1])
+    for g, (start, end) in enumerate(_group_bounds(offsets)):
+        if end > start:
+            torch.mm(x[start:end].t(), dy[start:end], out=out[g])
+    return out
+
+
+@grouped_mm_dw.register_fake
+def _grouped_mm_dw_fake(x: Tensor, dy: Tensor, offsets: Tensor) -> Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, w, offsets = inputs
+    ctx.save_for_backward(x, w, offsets)
+
+
+def _backward(ctx, grad_out: Tensor):
+    x, w, offsets = ctx.saved_tensors
+    grad_x = grad_w = None
+    if ctx.needs_input_grad[0]:
+        grad_x = grouped_mm(grad_out, w.transpose(1, 2), offsets)
+    if ctx.needs_input_grad[1]:
+        grad_w = grouped_mm_dw(x, grad_out, offsets)
+    return grad_x, grad_w, None
+
+
+torch.library.register_autograd("lancet::grouped_mm", _backward, setup_context=_setup_context)
+
+
+class GroupedExperts(nn.Module):
+    """``num_experts`` independent ``Linear(M, H) -> ReLU -> Linear(H, M)`` FFNs.
+
+    Parameters are stacked along a leading expert dim so that one grouped GEMM
+    serves all local experts. ``lancet.models.init`` initialises them.
+    """
+
+    def __init__(self, num_experts: int, d_model: int, d_hidden: int, first_expert: int = 0) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.first_expert = first_expert
+        """Global index of local expert 0 (seeds its initialisation)."""
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.b1 = nn.Parameter(torch.empty(num_experts, d_hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model))
+
+    def forward(self, rows_NM: Tensor, expert_of_row_N: Tensor, offsets_G: Tensor) -> Tensor:
+        """Rows must be grouped by expert; ``offsets_G`` are cumulative int32 ends."""
+        dtype = torch.get_autocast_dtype(rows_NM.device.type) if torch.is_autocast_enabled(rows_NM.device.type) else rows_NM.dtype
+        rows_NM = rows_NM.to(dtype)
+        hidden_NH = grouped_mm(rows_NM, self.w1.to(dtype), offsets_G) + self.b1.to(dtype)[expert_of_row_N]
+        hidden_NH = torch.relu(hidden_NH)
+        return grouped_mm(hidden_NH, self.w2.to(dtype), offsets_G) + self.b2.to(dtype)[expert_of_row_N]

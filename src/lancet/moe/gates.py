@@ -1,0 +1,117 @@
+"""Routers: which expert(s) each token goes to, with what weight, and whether it is kept.
+
+Shape legend: T tokens on this rank, E experts in total, K experts per token.
+
+Every decision is made with tensor ops (no Python branching on values) so the
+whole step can be traced. Capacity is per rank: ``int(cf * ceil(T / E))``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+GateKind = Literal["switch", "batch_prioritized", "topk"]
+GATE_KINDS: tuple[str, ...] = ("switch", "batch_prioritized", "topk")
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class GateConfig:
+    """How tokens are routed."""
+
+    kind: GateKind = "switch"
+    """switch: top-1, first-come capacity; batch_prioritized: top-1, capacity by
+    probability; topk: any k, dropless."""
+    topk: int = 2
+    """Experts per token for the topk gate (top-1 gates ignore it)."""
+    capacity_factor: float = 1.0
+    """Capacity = int(capacity_factor * ceil(tokens / experts)) for top-1 gates."""
+    normalize_topk: bool = True
+    """Renormalise the k chosen probabilities of the topk gate to sum to one."""
+    aux_loss_coef: float = 0.0
+    """Weight of the load-balancing loss (0 disables it)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in GATE_KINDS:
+            raise ValueError(f"unknown gate {self.kind!r}; choose one of {', '.join(GATE_KINDS)}")
+        if self.topk < 1:
+            raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.capacity_factor <= 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor}")
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.topk if self.kind == "topk" else 1
+
+
+@dataclass(slots=True)
+class Routing:
+    """The router's decision for T tokens, K choices each."""
+
+    expert_TK: Tensor
+    """int64 expert index of each choice."""
+    weight_TK: Tensor
+    """Combine weight of each choice (float32)."""
+    keep_TK: Tensor
+    """bool: the choice is dispatched (False: dropped for capacity)."""
+    aux_loss: Tensor
+    """Load-balancing loss (a 0-dim float32 tensor, zero when disabled)."""
+
+
+def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    return int(capacity_factor * math.ceil(num_tokens / num_experts))
+
+
+def _positions_in_order(expert_T: Tensor, num_experts: int) -> Tensor:
+    """0-based arrival position of each token within its expert, in tensor order."""
+    one_hot_TE = F.one_hot(expert_T, num_experts)
+    return (torch.cumsum(one_hot_TE, dim=0) * one_hot_TE).sum(dim=1) - 1
+
+
+def switch_keep(expert_T: Tensor, num_experts: int, cap: int) -> Tensor:
+    """First come, first served: a token is kept if fewer than ``cap`` earlier tokens chose its expert."""
+    return _positions_in_order(expert_T, num_experts) < cap
+
+
+def batch_prioritized_keep(expert_T: Tensor, prob_T: Tensor, num_experts: int, cap: int) -> Tensor:
+    """Capacity slots go to the tokens with the highest top-1 probability (ties: earlier token)."""
+    priority_order_T = torch.argsort(prob_T, descending=True, stable=True)
+    position_in_priority_T = _positions_in_order(expert_T[priority_order_T], num_experts)
+    keep_sorted_T = position_in_priority_T < cap
+    return torch.empty_like(keep_sorted_T).scatter_(0, priority_order_T, keep_sorted_T)
+
+
+def load_balancing_loss(probs_TE: Tensor, expert_T: Tensor) -> Tensor:
+    """Switch Transformer loss: E * sum_e (fraction routed to e) * (mean probability of e)."""
+    num_experts = probs_TE.shape[1]
+    fraction_E = F.one_hot(expert_T, num_experts).to(probs_TE.dtype).mean(dim=0)
+    return num_experts * (fraction_E * probs_TE.mean(dim=0)).sum()
+
+
+def route(logits_TE: Tensor, cfg: GateConfig) -> Routing:
+    """Turn router logits into a Routing. Probabilities are computed in float32."""
+    num_tokens, num_experts = logits_TE.shape
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    if cfg.kind == "topk":
+        weight_TK, expert_TK = torch.topk(probs_TE, cfg.topk, dim=-1)
+        if cfg.normalize_topk:
+            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+    else:
+        weight_T, expert_T = torch.max(probs_TE, dim=-1)
+        cap = capacity(num_tokens, num_experts, cfg.capacity_factor)
+        if cfg.kind == "switch":
+            keep_T = switch_keep(expert_T, num_experts, cap)
+        else:
+            keep_T = batch_prioritized_keep(expert_T, weight_T, num_experts, cap)
+        expert_TK, weight_TK, keep_TK = expert_T[:, None], weight_T[:, None], keep_T[:, None]
+    if cfg.aux_loss_coef > 0:
+        aux = cfg.aux_loss_coef * load_balancing_loss(probs_TE, expert_TK[:, 0])
+    else:
+        aux = probs_TE.new_zeros(())
+    return Routing(expert_TK=expert_TK, weight_TK=weight_TK, keep_TK=keep_TK, aux_loss=aux)

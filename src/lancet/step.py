@@ -1,0 +1,119 @@
+"""One training step as a pure function of (parameters, batch).
+
+The same function runs eagerly (the ``eager`` mode) and is what ``capture``
+traces. It computes forward, loss and backward with ``torch.autograd.grad``,
+then averages the gradients of replicated (data-parallel) parameters with
+bucketed functional all-reduces. Expert parameters live on one rank only; their
+gradients already hold every rank's tokens (the all-to-all's backward brought
+them home), so they are not reduced.
+
+Scaling: each rank differentiates ``local_loss / W`` and the dense gradients
+are summed, so every gradient equals that of the mean over ranks of the local
+losses -- what one process holding all experts and the global batch computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from lancet.models.gpt2_moe import lm_loss
+from lancet.moe.experts import GroupedExperts
+
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+
+
+def expert_parameter_names(model: nn.Module) -> set[str]:
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, GroupedExperts):
+            names.update(f"{module_name}.{p}" for p, _ in module.named_parameters())
+    return names
+
+
+def plan_buckets(sizes_bytes: list[int], bucket_bytes: int) -> list[list[int]]:
+    """Group parameter indices into buckets of about ``bucket_bytes``, last parameter first (as DDP does)."""
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    filled = 0
+    for index in reversed(range(len(sizes_bytes))):
+        current.append(index)
+        filled += sizes_bytes[index]
+        if filled >= bucket_bytes:
+            buckets.append(current)
+            current, filled = [], 0
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def allreduce_buckets(grads: list[Tensor], buckets: list[list[int]], group: dist.ProcessGroup) -> list[Tensor]:
+    """Sum each bucket of gradients across ``group`` with one functional all-reduce per bucket."""
+    out = list(grads)
+    for bucket in buckets:
+        flat = torch.cat([grads[i].reshape(-1) for i in bucket])
+        flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", group))
+        for i, piece in zip(bucket, flat.split([grads[i].numel() for i in bucket])):
+            out[i] = piece.view_as(grads[i])
+    return out
+
+
+@dataclass(slots=True)
+class StepResult:
+    loss: Tensor
+    """This rank's loss (0-dim, float32)."""
+    grads: list[Tensor]
+    """One gradient per parameter, in ``TrainStep.param_names`` order."""
+    keep: list[Tensor]
+    """Per MoE layer, which token choices were dispatched."""
+
+
+class TrainStep:
+    """``(params, tokens, targets) -> (loss, grads, keep)`` for one expert-parallel rank.
+
+    ``group`` is the expert- and data-parallel group (None: a single process
+    with all experts). ``autocast_dtype`` enables mixed precision for the
+    forward (parameters and gradients stay in their own dtype).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        group: dist.ProcessGroup | None,
+        autocast_dtype: torch.dtype | None = None,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    ) -> None:
+        self.model = model
+        self.group = group
+        self.world_size = 1 if group is None else dist.get_world_size(group)
+        self.autocast_dtype = autocast_dtype
+        named = list(model.named_parameters())
+        self.param_names = [name for name, _ in named]
+        experts = expert_parameter_names(model)
+        self.dense_indices = [i for i, (name, _) in enumerate(named) if name not in experts]
+        sizes = [named[i][1].numel() * named[i][1].element_size() for i in self.dense_indices]
+        self.buckets = [[self.dense_indices[j] for j in b] for b in plan_buckets(sizes, bucket_bytes)]
+
+    def parameters(self) -> list[Tensor]:
+        return [p for _, p in self.model.named_parameters()]
+
+    def _autocast(self, device_type: str):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    def __call__(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> StepResult:
+        state = dict(zip(self.param_names, params))
+        with self._autocast(tokens_BS.device.type):
+            out = functional_call(self.model, state, (tokens_BS,))
+            loss = lm_loss(out, targets_BS)
+        grads = list(torch.autograd.grad(loss / self.world_size, params))
+        if self.group is not None and self.world_size > 1:
+            grads = allreduce_buckets(grads, self.buckets, self.group)
+        return StepResult(loss=loss.detach(), grads=grads, keep=out.keep)
