@@ -1,0 +1,33 @@
+"""Bad input is refused in the launching process, with a message, before any rank starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from lancet import cli
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("ranks were launched despite bad input")
+
+    monkeypatch.setattr(cli, "launch", fail)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "gpt3_dense"], "unknown model 'gpt3_dense'"),
+        (["--num-experts", "3", "--nproc", "2"], "3 experts are not divisible by 2 ranks"),
+        (["--model", "gpt2_moe_nl2_m64_nh4_sl2048_b1"], "longer than the position table"),
+        (["--gate", "topk", "--topk", "5", "--nproc", "2"], "top-5 routing is larger than the number of experts (4)"),
+        (["--data", "/no/such/corpus"], "corpus path '/no/such/corpus' does not exist"),
+        (["--model", "gpt2_moe_nl2_m60_nh8_sl32_b4"], "not divisible by 8 heads"),
+    ],
+)
+def test_bad_input_is_refused_before_launch(no_launch, capsys, argv, message):
+    assert cli.main(["train", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
