@@ -7,6 +7,9 @@ bucketed functional all-reduces. Expert parameters live on one rank only; their
 gradients already hold every rank's tokens (the all-to-all's backward brought
 them home), so they are not reduced.
 
+Graph nodes traced from this function carry ``meta["custom"]["phase"]``
+(``forward`` or ``backward``; the gradient all-reduce counts as backward).
+
 Scaling: each rank differentiates ``local_loss / W`` and the dense gradients
 are summed, so every gradient equals that of the mean over ranks of the local
 losses -- what one process holding all experts and the global batch computes.
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.fx.traceback as fx_traceback
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -110,10 +114,12 @@ class TrainStep:
 
     def __call__(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> StepResult:
         state = dict(zip(self.param_names, params))
-        with self._autocast(tokens_BS.device.type):
+        with fx_traceback.annotate({"phase": "forward"}), self._autocast(tokens_BS.device.type):
             out = functional_call(self.model, state, (tokens_BS,))
             loss = lm_loss(out, targets_BS)
-        grads = list(torch.autograd.grad(loss / self.world_size, params))
-        if self.group is not None and self.world_size > 1:
-            grads = allreduce_buckets(grads, self.buckets, self.group)
+            scaled = loss / self.world_size
+        with fx_traceback.annotate({"phase": "backward"}):
+            grads = list(torch.autograd.grad(scaled, params))
+            if self.group is not None and self.world_size > 1:
+                grads = allreduce_buckets(grads, self.buckets, self.group)
         return StepResult(loss=loss.detach(), grads=grads, keep=out.keep)

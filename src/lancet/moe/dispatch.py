@@ -65,7 +65,8 @@ def plan_dispatch(routing: Routing, num_experts: int, group: dist.ProcessGroup |
         recv_counts_E = funcol.wait_tensor(funcol.all_to_all_single(counts_E, None, None, group))
     send_W = counts_E.view(world, local_experts).sum(dim=1)
     recv_W = recv_counts_E.view(world, local_experts).sum(dim=1)
-    splits = torch.cat([send_W, recv_W]).tolist()
+    # One device-to-host copy for all split sizes; the scalar reads are then host-local.
+    splits = torch.cat([send_W, recv_W]).cpu().tolist()
     send_splits, recv_splits = splits[:world], splits[world:]
     for size in splits:
         torch._check(size >= 0)
