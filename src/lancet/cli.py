@@ -54,7 +54,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
 
 
 def run_config(args: argparse.Namespace, **extra) -> RunConfig:
-    return RunConfig(
+    fields = dict(
         spec=model_spec(args),
         steps=args.steps,
         optimizer=args.optimizer,
@@ -64,8 +64,9 @@ def run_config(args: argparse.Namespace, **extra) -> RunConfig:
         seed=args.seed,
         network=args.network,
         nproc=args.nproc,
-        **extra,
     )
+    fields.update(extra)
+    return RunConfig(**fields)
 
 
 def checked(run: RunConfig) -> RunConfig:
@@ -85,6 +86,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from lancet.inspect_worker import inspect_worker
+
+    run = checked(run_config(args, steps=1))
+    launch(inspect_worker, (run, args.json), run.nproc)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lancet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--plan", default=None, help="plan from `lancet optimize` (captured mode)")
     train.add_argument("--metrics-jsonl", default=None, help="write per-step metrics here (rank 0)")
     train.set_defaults(func=cmd_train)
+
+    inspect = sub.add_parser("inspect", help="summarise the captured step graph")
+    add_run_args(inspect)
+    inspect.add_argument("--json", default=None, help="also write the summary as JSON")
+    inspect.set_defaults(func=cmd_inspect)
     return parser
 
 

@@ -62,7 +62,7 @@ def allreduce_buckets(grads: list[Tensor], buckets: list[list[int]], group: dist
     out = list(grads)
     for bucket in buckets:
         flat = torch.cat([grads[i].reshape(-1) for i in bucket])
-        flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", group))
+        flat = funcol.all_reduce(flat, "sum", group)
         for i, piece in zip(bucket, flat.split([grads[i].numel() for i in bucket])):
             out[i] = piece.view_as(grads[i])
     return out

@@ -33,6 +33,7 @@ COLLECTIVE_KINDS: dict[object, str] = {
 }
 WAIT_OPS = {_functional.wait_tensor.default}
 HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+"""Scalar reads; a host sync when they read an accelerator tensor."""
 
 # Ops that only reinterpret or describe a tensor (no kernel of substance).
 VIEW_OPS = {
@@ -73,6 +74,12 @@ def _is_device_to_host_copy(node: fx.Node) -> bool:
     )
 
 
+def _reads_device_value(node: fx.Node) -> bool:
+    """A scalar read of an accelerator tensor (it stalls the host); reads of CPU tensors do not."""
+    source = node.args[0].meta.get("val") if node.args and isinstance(node.args[0], fx.Node) else None
+    return isinstance(source, torch.Tensor) and source.device.type != "cpu"
+
+
 def node_role(node: fx.Node) -> Role:
     if node.op == "placeholder":
         return Role.INPUT
@@ -82,7 +89,7 @@ def node_role(node: fx.Node) -> Role:
         return Role.COMM_START
     if node.target in WAIT_OPS:
         return Role.COMM_WAIT
-    if node.target in HOST_SYNC_OPS or _is_device_to_host_copy(node):
+    if _is_device_to_host_copy(node) or (node.target in HOST_SYNC_OPS and _reads_device_value(node)):
         return Role.HOST_SYNC
     return Role.COMPUTE
 

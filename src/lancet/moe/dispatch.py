@@ -62,7 +62,7 @@ def plan_dispatch(routing: Routing, num_experts: int, group: dist.ProcessGroup |
     if group is None:
         recv_counts_E = counts_E
     else:
-        recv_counts_E = funcol.wait_tensor(funcol.all_to_all_single(counts_E, None, None, group))
+        recv_counts_E = funcol.all_to_all_single(counts_E, None, None, group)
     send_W = counts_E.view(world, local_experts).sum(dim=1)
     recv_W = recv_counts_E.view(world, local_experts).sum(dim=1)
     # One device-to-host copy for all split sizes; the scalar reads are then host-local.
@@ -86,7 +86,7 @@ def exchange(rows: Tensor, out_splits: list[int], in_splits: list[int], group: d
     """Irregular all-to-all with autograd; identity in a single process."""
     if group is None:
         return rows
-    return funcol.wait_tensor(funcol.all_to_all_single_autograd(rows, out_splits, in_splits, group))
+    return funcol.all_to_all_single_autograd(rows, out_splits, in_splits, group)
 
 
 @dataclass(slots=True)

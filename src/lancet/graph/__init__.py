@@ -1,0 +1,1 @@
+"""Analysis of captured step graphs: node roles, reachability, shapes."""

@@ -1,0 +1,31 @@
+"""The rank-side job of ``lancet inspect``."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from lancet.capture import capture_step
+from lancet.config import RunConfig
+from lancet.dist import init_runtime, shutdown_runtime
+from lancet.graph.analysis import analyze
+from lancet.graph.shapes import record_shapes
+from lancet.inspect_graph import print_summary, summarize, write_json
+from lancet.train import build_session
+
+
+def inspect_worker(run: RunConfig, json_path: str | None) -> dict:
+    runtime = init_runtime()
+    try:
+        session = build_session(run, runtime)
+        tokens, targets = session.batch(0)
+        train_graph = capture_step(session.train_step, tokens, targets)
+        analysis = analyze(train_graph)
+        shapes = record_shapes(train_graph.gm, [*session.params, tokens, targets])
+        summary = summarize(train_graph, analysis, shapes)
+        if runtime.is_main:
+            print_summary(summary, Console())
+            if json_path:
+                write_json(summary, json_path)
+        return summary
+    finally:
+        shutdown_runtime()
