@@ -30,7 +30,7 @@ from lancet.graph.roles import (
 FORWARD, BACKWARD = "forward", "backward"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Collective:
     start: fx.Node
     wait: fx.Node

@@ -1,0 +1,203 @@
+"""Two-lane timeline simulator of a step graph.
+
+The graph order is the issue order. Compute nodes run one after another on
+the compute lane; a collective is issued on the communication lane when the
+compute lane reaches its start node (NCCL's stream waits for everything issued
+before it) and when the lane is free (collectives of one group serialise); its
+wait blocks the compute lane until it ends. While a collective is in flight,
+compute runs ``contention`` times slower.
+
+    compute  |==a==|==b==|        |==d==|==e==|
+    comm            |====a2a====|
+                                ^ wait(a2a) blocks the compute lane
+
+Outputs: makespan, exposed communication (communication time not covered by
+compute), the peak of live tensor bytes of the order, and a Chrome trace.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass, field
+
+from torch import fx
+
+from lancet.cost.model import NodeCosts
+from lancet.graph.roles import Role, is_view, node_role
+
+
+@dataclass(slots=True)
+class Interval:
+    node: str
+    lane: str
+    start: float
+    end: float
+    kind: str = ""
+
+
+@dataclass(slots=True)
+class Timeline:
+    intervals: list[Interval] = field(default_factory=list)
+    makespan_ms: float = 0.0
+    compute_ms: float = 0.0
+    comm_ms: float = 0.0
+    exposed_comm_ms: float = 0.0
+    exposed_a2a_ms: float = 0.0
+    peak_live_bytes: int = 0
+
+    def summary(self) -> dict:
+        return {
+            "makespan_ms": self.makespan_ms,
+            "compute_ms": self.compute_ms,
+            "comm_ms": self.comm_ms,
+            "exposed_comm_ms": self.exposed_comm_ms,
+            "exposed_a2a_ms": self.exposed_a2a_ms,
+            "peak_live_bytes": self.peak_live_bytes,
+        }
+
+    def chrome_trace(self) -> dict:
+        """Chrome/Perfetto trace: pid 0 compute lane, pid 1 communication lane (times in us)."""
+        lanes = {"compute": 0, "comm": 1}
+        events = [
+            {"ph": "M", "name": "process_name", "pid": pid, "args": {"name": f"{lane} (predicted)"}}
+            for lane, pid in lanes.items()
+        ]
+        for iv in self.intervals:
+            events.append(
+                {
+                    "ph": "X",
+                    "name": iv.node,
+                    "cat": iv.kind or iv.lane,
+                    "pid": lanes[iv.lane],
+                    "tid": 0,
+                    "ts": iv.start * 1e3,
+                    "dur": max(iv.end - iv.start, 0.0) * 1e3,
+                }
+            )
+        return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+    def write_chrome_trace(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.chrome_trace(), f)
+
+
+def _stretch(start: float, work: float, comm: list[tuple[float, float]], factor: float) -> float:
+    """End time of ``work`` ms of compute from ``start`` when it runs ``factor`` slower inside comm intervals."""
+    if factor == 1.0 or not comm or work <= 0:
+        return start + work
+    t, left = start, work
+    i = bisect.bisect_right([end for _, end in comm], t)
+    while left > 0:
+        if i >= len(comm):
+            return t + left
+        cstart, cend = comm[i]
+        if t < cstart:
+            step = min(left, cstart - t)
+            t, left = t + step, left - step
+            continue
+        inside = (cend - t) / factor
+        if inside >= left:
+            return t + left * factor
+        t, left, i = cend, left - inside, i + 1
+    return t
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[tuple[float, float]] = []
+    for start, end in sorted(intervals):
+        if end <= start:
+            continue
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _uncovered(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
+    """Length of the union of ``a`` not covered by the union of ``b``."""
+    total = 0.0
+    b = _union(b)
+    for start, end in _union(a):
+        covered = sum(max(0.0, min(end, e) - max(start, s)) for s, e in b if s < end and e > start)
+        total += (end - start) - covered
+    return total
+
+
+def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
+    """Simulate ``graph`` in its current node order under ``costs``."""
+    timeline = Timeline()
+    ready: dict[fx.Node, float] = {}
+    comm_busy: list[tuple[float, float]] = []
+    compute_free = comm_free = 0.0
+    compute_ivs: list[tuple[float, float]] = []
+    a2a_ivs: list[tuple[float, float]] = []
+    for node in graph.nodes:
+        role = node_role(node)
+        inputs_ready = max((ready.get(p, 0.0) for p in node.all_input_nodes), default=0.0)
+        if role == Role.COMM_START:
+            start = max(comm_free, compute_free, inputs_ready)
+            end = start + costs.comm(node)
+            comm_free = end
+            comm_busy.append((start, end))
+            kind = str(node.target).split(".")[-2]
+            timeline.intervals.append(Interval(node.name, "comm", start, end, kind))
+            if "all_to_all" in kind:
+                a2a_ivs.append((start, end))
+            ready[node] = end
+        elif role == Role.COMM_WAIT:
+            compute_free = max(compute_free, inputs_ready)
+            ready[node] = compute_free
+        elif role in (Role.COMPUTE, Role.HOST_SYNC):
+            cost = costs.compute(node)
+            start = max(compute_free, inputs_ready)
+            end = _stretch(start, cost, comm_busy, costs.contention)
+            if cost > 0:
+                timeline.intervals.append(Interval(node.name, "compute", start, end, str(node.target)))
+                compute_ivs.append((start, end))
+                compute_free = end
+            ready[node] = end if cost > 0 else start
+        else:
+            ready[node] = 0.0 if role == Role.INPUT else compute_free
+    timeline.makespan_ms = max(compute_free, comm_free)
+    timeline.compute_ms = sum(e - s for s, e in _union(compute_ivs))
+    timeline.comm_ms = sum(e - s for s, e in _union(comm_busy))
+    timeline.exposed_comm_ms = _uncovered(comm_busy, compute_ivs)
+    timeline.exposed_a2a_ms = _uncovered(a2a_ivs, compute_ivs)
+    timeline.peak_live_bytes = peak_live_bytes(graph, costs.out_bytes)
+    return timeline
+
+
+def _storage_root(node: fx.Node) -> fx.Node:
+    while is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def peak_live_bytes(graph: fx.Graph, out_bytes: dict[str, int]) -> int:
+    """Peak over the order of the bytes of tensors alive (produced, with a later use; outputs live to the end).
+
+    Views own no memory; a use of a view keeps its storage's producer alive.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    last_use: dict[fx.Node, int] = {}
+    for node in nodes:
+        for producer in node.all_input_nodes:
+            root = _storage_root(producer)
+            last_use[root] = max(last_use.get(root, 0), position[node])
+    delta = [0] * (len(nodes) + 1)
+    for node in nodes:
+        if node.op == "placeholder" or _storage_root(node) is not node:
+            continue
+        size = out_bytes.get(node.name, 0)
+        if size == 0 or node not in last_use:
+            continue
+        delta[position[node]] += size
+        delta[last_use[node] + 1] -= size
+    peak = live = 0
+    for d in delta:
+        live += d
+        peak = max(peak, live)
+    return peak
