@@ -66,3 +66,25 @@ def two_layer_backward() -> TrainGraph:
     a2a_2, wait_2 = b.all_to_all(dx2, splits, "a2a_2")
     out = b.mm(wait_2, w, name="out")
     return b.finish(out, dw1, dw2)
+
+
+def backward_with_allreduce() -> TrainGraph:
+    """Two backward all-to-alls with a long compute gap between them, and a gradient all-reduce at the end.
+
+        grad -> dx1 -> [a2a_1] -> dx2 -> dx3 -> dx4 -> [a2a_2] -> out ... [allreduce(dw1)] at the end
+    """
+    b = GraphBuilder()
+    grad, w, act = (b.input(n) for n in ("grad", "w", "act"))
+    splits = [b.input("split0"), b.input("split1")]
+    b.phase = "backward"
+    dx1 = b.mm(grad, w, name="dx1")
+    dw1 = b.mm(act, grad, name="dw1")
+    a2a_1, wait_1 = b.all_to_all(dx1, splits, "a2a_1")
+    dx2 = b.mm(wait_1, w, name="dx2")
+    dx3 = b.mm(dx2, w, name="dx3")
+    dx4 = b.mm(dx3, w, name="dx4")
+    a2a_2, wait_2 = b.all_to_all(dx4, splits, "a2a_2")
+    out = b.mm(wait_2, w, name="out")
+    flat = b.op(aten.view.default, dw1, [-1], name="flat")
+    ar, ar_wait = b.all_reduce(flat, "allreduce")
+    return b.finish(out, ar_wait)

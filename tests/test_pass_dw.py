@@ -11,6 +11,7 @@ from lancet.graph.analysis import analyze
 from lancet.graph.reorder import check_order
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
+from lancet.passes.allreduce_gaps import allreduce_gaps_pass
 from lancet.passes.dw import dw_pass
 from lancet.runtime import CapturedStep
 from lancet.sim import simulate
@@ -90,6 +91,8 @@ def _dw_bitwise_rank(group, gates) -> list[list[str]]:
         costs = ToyCostModel(compute_ms=0.01, comm_ms={"all_to_all": 0.5, "all_reduce": 0.2}).costs(scheduled_graph.graph)
         _, decisions = dw_pass(scheduled_graph, costs)
         assert decisions.num_moved > 0
+        _, ar_decisions = allreduce_gaps_pass(scheduled_graph, costs)
+        assert ar_decisions.after
         scheduled = CapturedStep(scheduled_graph)
         params = step.parameters()
         for s in range(3):
@@ -105,3 +108,18 @@ def _dw_bitwise_rank(group, gates) -> list[list[str]]:
 def test_dw_scheduled_graph_is_bitwise_equal_and_collective_order_agrees():
     per_rank = run_ranks(_dw_bitwise_rank, 2, GATES)
     assert per_rank[0] == per_rank[1]
+
+
+def test_allreduce_moves_into_the_gap_between_all_to_alls():
+    from lancet.passes.allreduce_gaps import allreduce_gaps_pass
+    from tests.graphs import backward_with_allreduce
+
+    tg = backward_with_allreduce()
+    costs = TOY.costs(tg.graph)  # gap between a2a_1 and a2a_2: dx2..dx4 = 3 ms; all-reduce 2 ms
+    before = simulate(tg.graph, costs)
+    _, decisions = allreduce_gaps_pass(tg, costs)
+    pos = _positions(tg)
+    assert decisions.after == {"a2a_1": ["allreduce"]}
+    assert pos["a2a_1"] < pos["flat"] < pos["allreduce"] < pos["a2a_2"]
+    assert pos["wait_allreduce"] > pos["out"]  # the wait stays at the end
+    assert simulate(tg.graph, costs).makespan_ms < before.makespan_ms
