@@ -94,6 +94,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from lancet.profile_job import profile_worker
+
+    run = checked(run_config(args, steps=1))
+    if args.passes < 1 or args.reps < 1:
+        raise UsageError("--passes and --reps must be >= 1")
+    launch(profile_worker, (run, args.out, args.passes, args.reps), run.nproc)
+    return 0
+
+
+def cmd_profile_comm(args: argparse.Namespace) -> int:
+    from lancet.profile_job import DEFAULT_SIZES, profile_comm_worker
+
+    run = checked(run_config(args, steps=1))
+    sizes = DEFAULT_SIZES
+    if args.max_bytes is not None:
+        sizes = [s for s in DEFAULT_SIZES if s <= args.max_bytes]
+        if not sizes:
+            raise UsageError(f"--max-bytes {args.max_bytes} is below the smallest size ({DEFAULT_SIZES[0]})")
+    launch(profile_comm_worker, (run, args.out, sizes, args.reps), run.nproc)
+    return 0
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from lancet.artifact import ArtifactMismatch
+    from lancet.optimize import optimize, print_prediction
+
+    try:
+        result = optimize(
+            args.profile,
+            args.comm,
+            schedule_dw=not args.no_dw,
+            memory_cap_bytes=args.memory_cap,
+            trace_dir=args.trace_dir,
+        )
+    except (ArtifactMismatch, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    result.plan.write(args.out)
+    print_prediction(result, Console())
+    print(f"plan -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lancet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +154,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(inspect)
     inspect.add_argument("--json", default=None, help="also write the summary as JSON")
     inspect.set_defaults(func=cmd_inspect)
+
+    profile = sub.add_parser("profile", help="measure the cost of every compute node of the captured step")
+    add_run_args(profile)
+    profile.add_argument("--out", required=True, help="profile JSON to write")
+    profile.add_argument("--passes", type=int, default=3, help="graph executions (batches) to take the median over")
+    profile.add_argument("--reps", type=int, default=5, help="timed repetitions of each node per pass")
+    profile.set_defaults(func=cmd_profile)
+
+    comm = sub.add_parser("profile-comm", help="measure all-to-all / all-reduce cost curves and contention")
+    add_run_args(comm)
+    comm.add_argument("--out", required=True, help="comm profile JSON to write")
+    comm.add_argument("--reps", type=int, default=5)
+    comm.add_argument("--max-bytes", type=int, default=None, help="largest message size to sweep")
+    comm.set_defaults(func=cmd_profile_comm)
+
+    opt = sub.add_parser("optimize", help="choose a schedule from a profile and a comm profile")
+    opt.add_argument("--profile", required=True)
+    opt.add_argument("--comm", required=True)
+    opt.add_argument("--out", required=True, help="plan JSON to write")
+    opt.add_argument("--no-dw", action="store_true", help="skip dW scheduling (all-reduce placement only)")
+    opt.add_argument("--memory-cap", type=int, default=None, help="max extra bytes held alive by dW deferral")
+    opt.add_argument("--trace-dir", default=None, help="write predicted Chrome traces here")
+    opt.set_defaults(func=cmd_optimize)
     return parser
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from lancet.artifact import RunIdentity, device_description, gate_description
 from lancet.data import SYNTHETIC, resolve_corpus_path
 from lancet.dist import NETWORK_ENV
 from lancet.models import GPT2MoEConfig, model_config
@@ -93,3 +94,18 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def identity(self, world_size: int, device) -> RunIdentity:
+        """What artifacts made for this run must match."""
+        import torch
+
+        cfg = self.spec.model_config()
+        return RunIdentity(
+            model=cfg.name,
+            gate=gate_description(self.spec.gate, self.spec.topk, self.spec.capacity_factor),
+            world_size=world_size,
+            dtype=self.dtype,
+            device=device_description(device),
+            network=self.network if self.network not in (None, "nvlink") else "native",
+            torch_version=torch.__version__.split("+")[0],
+        )

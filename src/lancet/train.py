@@ -16,6 +16,7 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lancet.artifact import RunIdentity
 from lancet.config import RunConfig
 from lancet.data import make_batch_source
 from lancet.dist import Runtime, apply_network_env, init_runtime, shutdown_runtime
@@ -35,6 +36,7 @@ class Session:
     params: list[torch.Tensor]
     optimizer: torch.optim.Optimizer
     batches: object
+    identity: RunIdentity
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, targets = self.batches.batch(step, self.runtime.rank)
@@ -60,7 +62,8 @@ def build_session(run: RunConfig, runtime: Runtime) -> Session:
     params = train_step.parameters()
     batches = make_batch_source(run.data, model_cfg.batch_size, model_cfg.seq_len, model_cfg.vocab_size, run.seed)
     optimizer = make_optimizer(run.optimizer, params, run.learning_rate)
-    return Session(runtime, model_cfg, train_step, params, optimizer, batches)
+    identity = run.identity(runtime.world_size, runtime.device)
+    return Session(runtime, model_cfg, train_step, params, optimizer, batches, identity)
 
 
 def make_runner(run: RunConfig, session: Session):

@@ -68,3 +68,39 @@ class ToyCostModel:
                 out.compute_ms[node.name] = self.overrides.get(node.name, self.compute_ms)
             out.out_bytes[node.name] = self.bytes_per_node
         return out
+
+
+@dataclass(slots=True)
+class ProfiledCostModel:
+    """Costs from a measured compute profile and comm curves.
+
+    Compute nodes take their measured time by name; collectives are priced
+    from their measured bytes on the comm curves. Nodes the profile does not
+    name cost 0 and are listed in ``unpriced``.
+    """
+
+    profile: "ComputeProfile"  # noqa: F821 (lancet.cost.profile)
+    comm: "CommProfile"  # noqa: F821 (lancet.cost.comm)
+    unpriced: list[str] = field(default_factory=list)
+
+    def costs(self, graph: fx.Graph) -> NodeCosts:
+        from lancet.cost.profile import is_timed
+
+        out = NodeCosts(contention=self.comm.contention, out_bytes=dict(self.profile.out_bytes))
+        self.unpriced = []
+        for node in graph.nodes:
+            role = node_role(node)
+            if role == Role.COMM_START:
+                kind = collective_kind(node)
+                nbytes = self.profile.comm_bytes.get(node.name)
+                if nbytes is None:
+                    self.unpriced.append(node.name)
+                    continue
+                out.comm_ms[node.name] = self.comm.ms(kind, nbytes)
+            elif node.op == "call_function" and is_timed(node):
+                ms = self.profile.node_ms.get(node.name)
+                if ms is None:
+                    self.unpriced.append(node.name)
+                    continue
+                out.compute_ms[node.name] = ms
+        return out

@@ -1,0 +1,1 @@
+"""Costs: per-node compute profiles, collective curves, and the cost-model interface."""

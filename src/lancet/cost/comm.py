@@ -1,0 +1,150 @@
+"""Collective cost curves measured on the real process group, and compute/comm contention.
+
+``sweep`` times all-to-all (even splits) and all-reduce over a range of sizes;
+``PiecewiseLinear`` interpolates between the points (extrapolating with the end
+segments, never below zero). ``measure_contention`` times a matmul loop alone
+and while a large all-to-all runs beside it; the ratio is how much slower
+compute runs under communication.
+"""
+
+from __future__ import annotations
+
+import bisect
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_SIZES = [2**k for k in range(12, 29)]  # 4 KiB .. 256 MiB
+KINDS = ("all_to_all", "all_reduce")
+
+
+@dataclass(slots=True)
+class PiecewiseLinear:
+    """ms as a function of bytes through measured (bytes, ms) points."""
+
+    points: list[tuple[float, float]]
+
+    def __post_init__(self) -> None:
+        pts = sorted(self.points)
+        dedup: list[tuple[float, float]] = []
+        for x, y in pts:
+            if dedup and abs(x - dedup[-1][0]) < 1e-6:
+                continue
+            dedup.append((x, y))
+        if not dedup:
+            raise ValueError("a cost curve needs at least one point")
+        self.points = dedup
+
+    def __call__(self, nbytes: float) -> float:
+        pts = self.points
+        if len(pts) == 1:
+            return pts[0][1] * (nbytes / pts[0][0] if pts[0][0] else 1.0)
+        xs = [x for x, _ in pts]
+        i = min(max(bisect.bisect_left(xs, nbytes), 1), len(pts) - 1)
+        (x0, y0), (x1, y1) = pts[i - 1], pts[i]
+        return max(0.0, y0 + (y1 - y0) * (nbytes - x0) / (x1 - x0))
+
+
+@dataclass(slots=True)
+class CommProfile:
+    curves: dict[str, PiecewiseLinear] = field(default_factory=dict)
+    contention: float = 1.0
+
+    def ms(self, kind: str, nbytes: float) -> float:
+        if kind not in self.curves:
+            raise KeyError(f"the comm profile has no curve for {kind}")
+        return self.curves[kind](nbytes)
+
+    def to_json(self) -> dict:
+        return {
+            "curves": {k: [[x, y] for x, y in c.points] for k, c in self.curves.items()},
+            "contention": self.contention,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> CommProfile:
+        curves = {k: PiecewiseLinear([(float(x), float(y)) for x, y in pts]) for k, pts in data["curves"].items()}
+        return cls(curves=curves, contention=float(data.get("contention", 1.0)))
+
+
+def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
+    def time_ms(fn: Callable[[], object], reps: int) -> float:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / reps
+        begin = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - begin) * 1e3 / reps
+
+    return time_ms
+
+
+def _collective(kind: str, nbytes: int, group: dist.ProcessGroup, device: torch.device) -> Callable[[], object]:
+    world = dist.get_world_size(group)
+    numel = max(world, nbytes // 2 // world * world)  # bf16 elements, divisible by the world size
+    send = torch.randn(numel, device=device).to(torch.bfloat16)
+    if kind == "all_to_all":
+        recv = torch.empty_like(send)
+        return lambda: dist.all_to_all_single(recv, send, group=group)
+    return lambda: dist.all_reduce(send, group=group)
+
+
+def sweep(
+    group: dist.ProcessGroup,
+    device: torch.device,
+    sizes: list[int] = DEFAULT_SIZES,
+    reps: int = 5,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, PiecewiseLinear]:
+    """Median-of-ranks time of each collective at each size (bytes per rank)."""
+    time_ms = _timer(device)
+    curves: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
+    for kind in KINDS:
+        for nbytes in sizes:
+            call = _collective(kind, nbytes, group, device)
+            call()
+            dist.barrier(group)
+            local = time_ms(call, reps)
+            gathered: list[object] = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, local, group=group)
+            curves[kind].append((float(nbytes), statistics.median(gathered)))
+            if progress is not None:
+                progress()
+    return {k: PiecewiseLinear(v) for k, v in curves.items()}
+
+
+def measure_contention(group: dist.ProcessGroup, device: torch.device, reps: int = 3) -> float:
+    """Slowdown of a matmul loop while an all-to-all runs beside it (median of ranks, >= 1)."""
+    if device.type != "cuda":
+        return 1.0
+    time_ms = _timer(device)
+    a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
+    matmuls = lambda: [a @ a for _ in range(8)]  # noqa: E731
+    matmuls()
+    alone = statistics.median(time_ms(matmuls, 1) for _ in range(reps))
+    comm = _collective("all_to_all", 256 * 2**20, group, device)
+    comm()
+    samples = []
+    for _ in range(reps):
+        dist.barrier(group)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            comm()
+        samples.append(time_ms(matmuls, 1))
+        torch.cuda.current_stream(device).wait_stream(stream)
+        torch.cuda.synchronize(device)
+    together = statistics.median(samples)
+    gathered: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, together / alone, group=group)
+    return max(1.0, float(statistics.median(gathered)))

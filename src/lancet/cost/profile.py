@@ -1,0 +1,191 @@
+"""Measure the cost of every compute node of a captured step graph on the real device.
+
+The graph runs through an interpreter on real batches. Each compute node that
+launches work is re-run ``reps`` times back to back on its real inputs and
+timed (CUDA events on the GPU, the host clock on the CPU), after ``warmup``
+untimed runs; nodes with the same op, shapes and dtypes are measured once per
+pass. Several passes over different batches give a median per node. Every rank
+measures and the ranks agree on one table (median across ranks), so every rank
+later derives the same plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import fx
+
+from lancet.graph.roles import Role, collective_kind, is_view, node_role
+from lancet.graph.shapes import output_bytes
+
+
+def graph_fingerprint(graph: fx.Graph) -> str:
+    """Hash of the graph's structure (node names, targets and inputs), independent of rank and device index."""
+    digest = hashlib.sha256()
+    for node in graph.nodes:
+        inputs = ",".join(p.name for p in node.all_input_nodes)
+        digest.update(f"{node.op}|{node.name}|{node.target}|{inputs}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _arg_spec(value) -> str:
+    if isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        return f"{dtype}{list(value.shape)}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_arg_spec(v) for v in value) + "]"
+    return repr(value)
+
+
+def op_key(node: fx.Node, args: tuple, kwargs: dict) -> str:
+    """``op(arg specs)``: the op with the shapes and dtypes of its tensor arguments."""
+    parts = [_arg_spec(a) for a in args] + [f"{k}={_arg_spec(v)}" for k, v in sorted(kwargs.items())]
+    return f"{node.target}({', '.join(parts)})"
+
+
+def is_timed(node: fx.Node) -> bool:
+    """Nodes whose cost the profile measures: compute and host syncs that launch work (not views or asserts)."""
+    return node_role(node) in (Role.COMPUTE, Role.HOST_SYNC) and not is_view(node) and "assert" not in str(node.target)
+
+
+class _Clock:
+    """Times ``reps`` back-to-back calls; GPU time via CUDA events, else host time."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def time_ms(self, fn: Callable[[], object], reps: int) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / reps
+        begin = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - begin) * 1e3 / reps
+
+
+class NodeTimer(fx.Interpreter):
+    """Executes a graph once, timing every compute node on its real inputs."""
+
+    def __init__(self, gm: fx.GraphModule, device: torch.device, reps: int, warmup: int) -> None:
+        super().__init__(gm, garbage_collect_values=True)
+        self.clock = _Clock(device)
+        self.reps = reps
+        self.warmup = warmup
+        self.node_ms: dict[str, float] = {}
+        self.node_key: dict[str, str] = {}
+        self.out_bytes: dict[str, int] = {}
+        self._by_key: dict[str, float] = {}
+
+    def run_node(self, node: fx.Node):
+        result = super().run_node(node)
+        self.out_bytes[node.name] = output_bytes(result)
+        if node.op == "call_function" and is_timed(node):
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            key = op_key(node, args, kwargs)
+            if key not in self._by_key:
+                call = lambda: node.target(*args, **kwargs)  # noqa: E731
+                for _ in range(self.warmup):
+                    call()
+                self._by_key[key] = self.clock.time_ms(call, self.reps)
+            self.node_ms[node.name] = self._by_key[key]
+            self.node_key[node.name] = key
+        return result
+
+
+@dataclass(slots=True)
+class ComputeProfile:
+    """Median cost per node (ms) and bytes per node of one graph, agreed across ranks."""
+
+    fingerprint: str
+    node_ms: dict[str, float] = field(default_factory=dict)
+    node_key: dict[str, str] = field(default_factory=dict)
+    out_bytes: dict[str, int] = field(default_factory=dict)
+    comm_bytes: dict[str, int] = field(default_factory=dict)
+    """Collective start node -> bytes it produced on this rank (median over passes and ranks)."""
+    comm_kind: dict[str, str] = field(default_factory=dict)
+    passes: int = 0
+
+    def op_ms(self) -> dict[str, float]:
+        table: dict[str, list[float]] = {}
+        for name, key in self.node_key.items():
+            table.setdefault(key, []).append(self.node_ms[name])
+        return {k: statistics.median(v) for k, v in table.items()}
+
+    def to_json(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "passes": self.passes,
+            "nodes": {n: {"ms": ms, "key": self.node_key.get(n, "")} for n, ms in self.node_ms.items()},
+            "ops": self.op_ms(),
+            "out_bytes": self.out_bytes,
+            "collectives": {n: {"kind": self.comm_kind[n], "bytes": b} for n, b in self.comm_bytes.items()},
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> ComputeProfile:
+        return cls(
+            fingerprint=data["fingerprint"],
+            node_ms={n: v["ms"] for n, v in data["nodes"].items()},
+            node_key={n: v["key"] for n, v in data["nodes"].items()},
+            out_bytes={n: int(b) for n, b in data["out_bytes"].items()},
+            comm_bytes={n: int(v["bytes"]) for n, v in data["collectives"].items()},
+            comm_kind={n: v["kind"] for n, v in data["collectives"].items()},
+            passes=data.get("passes", 0),
+        )
+
+
+def _median_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = set().union(*dicts)
+    return {k: statistics.median(d[k] for d in dicts if k in d) for k in sorted(keys)}
+
+
+def profile_graph(
+    gm: fx.GraphModule,
+    batches: list[list[torch.Tensor]],
+    device: torch.device,
+    group: dist.ProcessGroup | None,
+    *,
+    reps: int = 5,
+    warmup: int = 2,
+    progress: Callable[[int], None] | None = None,
+) -> ComputeProfile:
+    """Time every compute node over one pass per batch; median over passes, then over ranks."""
+    per_pass_ms, per_pass_bytes = [], []
+    keys: dict[str, str] = {}
+    for i, inputs in enumerate(batches):
+        timer = NodeTimer(gm, device, reps=reps, warmup=warmup)
+        with torch.no_grad():
+            timer.run(*inputs)
+        per_pass_ms.append(timer.node_ms)
+        per_pass_bytes.append({k: float(v) for k, v in timer.out_bytes.items()})
+        keys.update(timer.node_key)
+        if progress is not None:
+            progress(i + 1)
+    node_ms, out_bytes = _median_dicts(per_pass_ms), _median_dicts(per_pass_bytes)
+    if group is not None and dist.get_world_size(group) > 1:
+        gathered: list[object] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, (node_ms, out_bytes), group=group)
+        node_ms = _median_dicts([g[0] for g in gathered])
+        out_bytes = _median_dicts([g[1] for g in gathered])
+    starts = [n for n in gm.graph.nodes if node_role(n) == Role.COMM_START]
+    return ComputeProfile(
+        fingerprint=graph_fingerprint(gm.graph),
+        node_ms=node_ms,
+        node_key={n: keys[n] for n in node_ms},
+        out_bytes={n: int(b) for n, b in out_bytes.items()},
+        comm_bytes={n.name: int(out_bytes.get(n.name, 0)) for n in starts},
+        comm_kind={n.name: collective_kind(n) for n in starts},
+        passes=len(batches),
+    )

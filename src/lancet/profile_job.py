@@ -1,0 +1,71 @@
+"""Rank-side jobs of ``lancet profile`` and ``lancet profile-comm``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from rich.console import Console
+from tqdm import tqdm
+
+from lancet.artifact import write_artifact
+from lancet.capture import capture_step
+from lancet.config import RunConfig
+from lancet.cost.comm import DEFAULT_SIZES, KINDS, CommProfile, measure_contention, sweep
+from lancet.cost.profile import profile_graph
+from lancet.dist import apply_network_env, init_runtime, shutdown_runtime
+
+
+def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int) -> dict:
+    """Capture the step, time every compute node over ``passes`` batches, write the agreed profile (rank 0)."""
+    from lancet.train import build_session
+
+    if run.network is not None:
+        apply_network_env(run.network)
+    runtime = init_runtime()
+    try:
+        session = build_session(run, runtime)
+        tokens, targets = session.batch(0)
+        train_graph = capture_step(session.train_step, tokens, targets)
+        batches = [[*session.params, *session.batch(step)] for step in range(passes)]
+        bar = tqdm(total=passes, desc="profile passes", disable=not runtime.is_main)
+        profile = profile_graph(
+            train_graph.gm, batches, runtime.device, runtime.group, reps=reps, progress=lambda i: bar.update(1)
+        )
+        bar.close()
+        payload = {"spec": asdict(run.spec), "profile": profile.to_json()}
+        if runtime.is_main:
+            write_artifact(out_path, "profile", run.identity(runtime.world_size, runtime.device), payload)
+            total = sum(profile.node_ms.values())
+            Console().print(
+                f"profiled {len(profile.node_ms)} compute nodes ({len(profile.op_ms())} distinct ops), "
+                f"sum {total:.2f} ms per step -> {out_path}"
+            )
+        return payload
+    finally:
+        shutdown_runtime()
+
+
+def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: int) -> dict:
+    """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
+    if run.network is not None:
+        apply_network_env(run.network)
+    runtime = init_runtime()
+    try:
+        bar = tqdm(total=len(sizes) * len(KINDS), desc="comm sweep", disable=not runtime.is_main)
+        curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.update(1))
+        bar.close()
+        comm = CommProfile(curves=curves, contention=measure_contention(runtime.group, runtime.device))
+        payload = {"comm": comm.to_json()}
+        if runtime.is_main:
+            identity = replace(run.identity(runtime.world_size, runtime.device), model="", gate="", dtype="")
+            write_artifact(out_path, "comm", identity, payload)
+            largest, ms = comm.curves["all_to_all"].points[-1]
+            Console().print(
+                f"all-to-all of {largest / 2**20:.1f} MiB: {ms:.3f} ms; contention x{comm.contention:.3f} -> {out_path}"
+            )
+        return payload
+    finally:
+        shutdown_runtime()
+
+
+__all__ = ["DEFAULT_SIZES", "profile_comm_worker", "profile_worker"]
