@@ -139,6 +139,27 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from lancet.bench import BenchOptions, bench_worker
+
+    run = checked(run_config(args))
+    opts = BenchOptions(
+        variants=[v.strip() for v in args.variants.split(",") if v.strip()],
+        steps=args.steps,
+        warmup=args.warmup,
+        profile_steps=args.profile_steps,
+        plan=args.plan,
+        json_path=args.json,
+        trace_dir=args.trace_dir,
+    )
+    try:
+        opts.validate()
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    launch(bench_worker, (run, opts), run.nproc)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lancet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--memory-cap", type=int, default=None, help="max extra bytes held alive by dW deferral")
     opt.add_argument("--trace-dir", default=None, help="write predicted Chrome traces here")
     opt.set_defaults(func=cmd_optimize)
+
+    bench = sub.add_parser("bench", help="run step variants side by side and compare step time and overlap")
+    add_run_args(bench)
+    bench.add_argument("--variants", default="eager,captured", help="comma list of eager, captured, lancet-dw")
+    bench.add_argument("--plan", default=None, help="plan for the lancet-* variants")
+    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (0: no trace)")
+    bench.add_argument("--json", default=None, help="write results as JSON")
+    bench.add_argument("--trace-dir", default="lancet_traces", help="profiler traces, one folder per variant")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

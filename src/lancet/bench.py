@@ -1,0 +1,193 @@
+"""``lancet bench``: run step variants side by side in one launch and compare them.
+
+Every variant starts from the same parameters and sees the same batches. Per
+variant: warm-up steps, timed steps (wall clock around step + optimizer, the
+slowest rank counts, median reported), then a few profiled steps whose
+torch.profiler trace gives all-to-all time and exposed (non-overlapped)
+communication. Rank 0 prints the table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+
+from lancet.config import RunConfig
+from lancet.dist import apply_network_env, init_runtime, shutdown_runtime
+from lancet.step import StepResult
+
+PLAN_VARIANTS = ("lancet-dw",)
+BASE_VARIANTS = ("eager", "captured")
+VARIANTS = BASE_VARIANTS + PLAN_VARIANTS
+
+
+@dataclass(kw_only=True, slots=True)
+class BenchOptions:
+    variants: list[str]
+    steps: int = 20
+    warmup: int = 5
+    profile_steps: int = 3
+    plan: str | None = None
+    json_path: str | None = None
+    trace_dir: str | None = None
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        if not self.variants:
+            raise ValueError("give at least one variant")
+        if any(v in PLAN_VARIANTS for v in self.variants) and self.plan is None:
+            raise ValueError("variant lancet-dw needs --plan (from `lancet optimize`)")
+        if self.plan is not None and not Path(self.plan).exists():
+            raise FileNotFoundError(f"plan file {self.plan!r} does not exist")
+        if self.steps < 1 or self.warmup < 0 or self.profile_steps < 0:
+            raise ValueError("--steps must be >= 1, --warmup and --profile-steps >= 0")
+
+
+@dataclass(slots=True)
+class VariantResult:
+    variant: str
+    step_ms: float
+    tokens_per_s: float
+    peak_mem_gib: float | None
+    trace: dict = field(default_factory=dict)
+    """Medians of the profiled steps (a2a, exposed communication, ...)."""
+    predicted: dict | None = None
+
+    def to_json(self) -> dict:
+        return {
+            "variant": self.variant,
+            "step_ms": self.step_ms,
+            "tokens_per_s": self.tokens_per_s,
+            "peak_mem_gib": self.peak_mem_gib,
+            "trace": self.trace,
+            "predicted": self.predicted,
+        }
+
+
+def _runner(variant: str, session, plan) -> Callable[[list, torch.Tensor, torch.Tensor], StepResult]:
+    if variant == "eager":
+        return session.train_step
+    from lancet.capture import capture_step
+    from lancet.runtime import CapturedStep
+
+    train_graph = capture_step(session.train_step, *session.batch(0))
+    if variant == "lancet-dw":
+        from lancet.plan import apply_plan
+
+        apply_plan(train_graph, plan)
+    return CapturedStep(train_graph)
+
+
+def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        tensor = tensor.cuda()
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor.cpu().tolist()
+
+
+def _run_variant(
+    variant: str, run: RunConfig, session, plan, opts: BenchOptions, initial: list[torch.Tensor]
+) -> VariantResult:
+    from lancet.measure import profile_steps, summarize
+    from lancet.train import make_optimizer
+
+    runtime = session.runtime
+    with torch.no_grad():
+        for p, v in zip(session.params, initial):
+            p.copy_(v)
+    session.optimizer = make_optimizer(run.optimizer, session.params, run.learning_rate)
+    runner = _runner(variant, session, plan)
+
+    def one_step(step: int) -> None:
+        session.apply(runner(session.params, *session.batch(step)))
+
+    if runtime.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    for step in range(opts.warmup):
+        one_step(step)
+    times = []
+    for step in range(opts.warmup, opts.warmup + opts.steps):
+        runtime.synchronize()
+        start = time.perf_counter()
+        one_step(step)
+        runtime.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    step_ms = statistics.median(_slowest_rank(times, runtime.group))
+    trace_summary: dict = {}
+    if opts.profile_steps > 0:
+        trace_dir = Path(opts.trace_dir or "lancet_traces") / variant
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        first = opts.warmup + opts.steps
+        trace = profile_steps(
+            lambda i: one_step(first + i),
+            steps=opts.profile_steps,
+            warmup=0,
+            device=runtime.device,
+            trace_path=trace_dir / f"rank{runtime.rank}.json",
+        )
+        trace_summary = summarize(trace)
+    peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30 if runtime.device.type == "cuda" else None
+    tokens = session.model_cfg.tokens_per_rank * runtime.world_size
+    return VariantResult(variant, step_ms, tokens / (step_ms / 1e3), peak, trace_summary)
+
+
+def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
+    from lancet.plan import load_plan
+    from lancet.train import build_session
+
+    if run.network is not None:
+        apply_network_env(run.network)
+    runtime = init_runtime()
+    try:
+        session = build_session(run, runtime)
+        plan = load_plan(opts.plan, session.identity) if opts.plan else None
+        initial = [p.detach().clone() for p in session.params]
+        results = [_run_variant(v, run, session, plan, opts, initial) for v in opts.variants]
+        if plan is not None:
+            for r in results:
+                r.predicted = plan.predicted["after"] if r.variant in PLAN_VARIANTS else plan.predicted["before"]
+        rows = [r.to_json() for r in results]
+        if runtime.is_main:
+            print_table(rows, run, Console())
+            if opts.json_path:
+                with open(opts.json_path, "w") as f:
+                    json.dump({"run": run.to_dict(), "world_size": runtime.world_size, "results": rows}, f, indent=1)
+        return rows
+    finally:
+        shutdown_runtime()
+
+
+def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
+    title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} network={run.network or 'native'}"
+    table = Table(title=title)
+    columns = ("variant", "step ms", "x eager", "tokens/s", "a2a ms", "exposed a2a ms", "exposed comm ms",
+               "predicted ms", "peak GiB")
+    for column in columns:
+        table.add_column(column, justify="right")
+    eager = next((r["step_ms"] for r in rows if r["variant"] == "eager"), None)
+    for r in rows:
+        t = r["trace"]
+        table.add_row(
+            r["variant"],
+            f"{r['step_ms']:.2f}",
+            f"{eager / r['step_ms']:.3f}" if eager else "",
+            f"{r['tokens_per_s']:,.0f}",
+            f"{t['a2a_ms']:.2f}" if t else "",
+            f"{t['exposed_a2a_ms']:.2f}" if t else "",
+            f"{t['exposed_comm_ms']:.2f}" if t else "",
+            f"{r['predicted']['makespan_ms']:.2f}" if r.get("predicted") else "",
+            f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "",
+        )
+    console.print(table)
