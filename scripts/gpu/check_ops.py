@@ -36,5 +36,27 @@ def main() -> None:
     print("grouped GEMM check passed")
 
 
+
+
+def check_bias() -> None:
+    from lancet.moe.experts import group_bias, segment_sum
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sizes = [300, 0, 1200]
+    offsets = torch.tensor(sizes, device=device).cumsum(0).to(torch.int32)
+    groups = torch.repeat_interleave(torch.arange(3, device=device), torch.tensor(sizes, device=device))
+    bias = torch.randn(3, 3072, device=device, dtype=torch.bfloat16, requires_grad=True)
+    rows = group_bias(bias, groups, offsets)
+    dy = torch.randn_like(rows)
+    rows.backward(dy)
+    ref = torch.zeros(3, 3072, dtype=torch.float64, device=device).index_add_(0, groups, dy.double())
+    err = (bias.grad.double() - ref).norm() / ref.norm()
+    print(f"segment_sum relative error {err:.2e}")
+    assert err < 1e-2
+    assert torch.equal(segment_sum(dy, offsets), bias.grad)
+    print("bias check passed")
+
+
 if __name__ == "__main__":
     main()
+    check_bias()

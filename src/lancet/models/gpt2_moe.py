@@ -18,6 +18,9 @@ from torch import Tensor, nn
 from lancet.moe import GateConfig, MoELayer
 
 
+VOCAB_ALIGNMENT = 64
+
+
 @dataclass(kw_only=True, slots=True, frozen=True)
 class GPT2MoEConfig:
     """Model shape. ``batch_size`` is per rank."""
@@ -71,6 +74,15 @@ class GPT2MoEConfig:
     @property
     def tokens_per_rank(self) -> int:
         return self.batch_size * self.seq_len
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table: the vocabulary rounded up to a multiple of 64.
+
+        A 50257-wide LM-head GEMM misses the tensor-core alignment and runs several times slower;
+        the extra rows are never indexed and their logits are cut off before the loss.
+        """
+        return -(-self.vocab_size // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
 
 
 class CausalSelfAttention(nn.Module):
@@ -143,7 +155,7 @@ class GPT2MoE(nn.Module):
         world = dist.get_world_size(group) if group is not None else (world_size or 1)
         cfg.validate_for(world)
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.max_positions, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i, group, world) for i in range(cfg.num_layers))
@@ -160,7 +172,7 @@ class GPT2MoE(nn.Module):
             if block_aux is not None:
                 aux = aux + block_aux
                 keep.append(block_keep)
-        logits_BSV = F.linear(self.ln_f(x_BSM), self.wte.weight)
+        logits_BSV = F.linear(self.ln_f(x_BSM), self.wte.weight)[..., : self.cfg.vocab_size]
         return ModelOutput(logits_BSV=logits_BSV, aux_loss=aux, keep=keep)
 
 

@@ -7,7 +7,9 @@ The GEMM is a custom op (``lancet::grouped_mm``) so that it traces in any dtype
 (``torch._grouped_mm``'s fake kernel accepts bf16 only) and so that its backward
 is two separate graph nodes: ``lancet::grouped_mm`` on the transposed weight
 (the input gradient, dX) and ``lancet::grouped_mm_dw`` (the weight gradient,
-dW). The dW pass can then move the weight-gradient half on its own.
+dW). The dW pass can then move the weight-gradient half on its own. Expert
+biases are gathered per row by ``lancet::group_bias``, whose gradient is a
+segment sum over the grouped rows (``lancet::segment_sum``).
 """
 
 from __future__ import annotations
@@ -85,6 +87,50 @@ def _backward(ctx, grad_out: Tensor):
 torch.library.register_autograd("lancet::grouped_mm", _backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("lancet::segment_sum", mutates_args=())
+def segment_sum(rows: Tensor, offsets: Tensor) -> Tensor:
+    """Sum of the rows of each group: out[g] = rows[rows of group g].sum(0) (zeros for empty groups)."""
+    if native_grouped_mm_supported(rows, rows):
+        # A grouped GEMM of a ones block against the rows sums each group in fp32 without atomics.
+        ones = rows.new_ones(rows.shape[0], 8).t()
+        return torch._grouped_mm(ones, rows, offs=offsets)[:, 0].contiguous()
+    out = rows.new_zeros(offsets.shape[0], rows.shape[1])
+    for g, (start, end) in enumerate(_group_bounds(offsets)):
+        if end > start:
+            torch.sum(rows[start:end], dim=0, out=out[g])
+    return out
+
+
+@segment_sum.register_fake
+def _segment_sum_fake(rows: Tensor, offsets: Tensor) -> Tensor:
+    return rows.new_empty(offsets.shape[0], rows.shape[1])
+
+
+@torch.library.custom_op("lancet::group_bias", mutates_args=())
+def group_bias(bias: Tensor, group_of_row: Tensor, offsets: Tensor) -> Tensor:
+    """bias[group_of_row]: each row's group bias. Rows must be grouped (``offsets`` are their ends)."""
+    return bias[group_of_row]
+
+
+@group_bias.register_fake
+def _group_bias_fake(bias: Tensor, group_of_row: Tensor, offsets: Tensor) -> Tensor:
+    return bias.new_empty(group_of_row.shape[0], bias.shape[1])
+
+
+def _bias_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[2])
+
+
+def _bias_backward(ctx, grad_out: Tensor):
+    (offsets,) = ctx.saved_tensors
+    # The gather's own backward (index_put with accumulate) piles every row of a group onto one
+    # address with atomics; grouped rows allow a segment sum instead.
+    return segment_sum(grad_out, offsets), None, None
+
+
+torch.library.register_autograd("lancet::group_bias", _bias_backward, setup_context=_bias_setup_context)
+
+
 class GroupedExperts(nn.Module):
     """``num_experts`` independent ``Linear(M, H) -> ReLU -> Linear(H, M)`` FFNs.
 
@@ -106,6 +152,7 @@ class GroupedExperts(nn.Module):
         """Rows must be grouped by expert; ``offsets_G`` are cumulative int32 ends."""
         dtype = torch.get_autocast_dtype(rows_NM.device.type) if torch.is_autocast_enabled(rows_NM.device.type) else rows_NM.dtype
         rows_NM = rows_NM.to(dtype)
-        hidden_NH = grouped_mm(rows_NM, self.w1.to(dtype), offsets_G) + self.b1.to(dtype)[expert_of_row_N]
-        hidden_NH = torch.relu(hidden_NH)
-        return grouped_mm(hidden_NH, self.w2.to(dtype), offsets_G) + self.b2.to(dtype)[expert_of_row_N]
+        hidden_NH = grouped_mm(rows_NM, self.w1.to(dtype), offsets_G)
+        hidden_NH = torch.relu(hidden_NH + group_bias(self.b1.to(dtype), expert_of_row_N, offsets_G))
+        out_NM = grouped_mm(hidden_NH, self.w2.to(dtype), offsets_G)
+        return out_NM + group_bias(self.b2.to(dtype), expert_of_row_N, offsets_G)

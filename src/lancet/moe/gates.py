@@ -69,8 +69,9 @@ def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
 
 def _positions_in_order(expert_T: Tensor, num_experts: int) -> Tensor:
     """0-based arrival position of each token within its expert, in tensor order."""
-    one_hot_TE = F.one_hot(expert_T, num_experts)
-    return (torch.cumsum(one_hot_TE, dim=0) * one_hot_TE).sum(dim=1) - 1
+    # Scan along the contiguous last dim: a cumsum down a [T, E] column runs E serial scans on the GPU.
+    one_hot_ET = F.one_hot(expert_T, num_experts).t().contiguous()
+    return (torch.cumsum(one_hot_ET, dim=1) * one_hot_ET).sum(dim=0) - 1
 
 
 def switch_keep(expert_T: Tensor, num_experts: int, cap: int) -> Tensor:
