@@ -20,7 +20,7 @@ for v in ("eager", "captured", "lancet-dw"):
     s = summarize(load_trace(f"{base}/{v}/rank0.json"))
     print(v, round(s["exposed_comm_ms"], 3), round(hta_exposed_comm_ms(f"{base}/{v}"), 3), round(s["step_ms"], 3))
 PY
-    gzip -q $R/traces_$NET/*/rank*.json
+    rm -f $R/traces_$NET/*/rank[1-9]*.json; gzip -q $R/traces_$NET/*/rank0.json
 done
 for G in switch batch_prioritized topk; do
     TAIL=3 step $LANCET train --model $M --dtype bf16 --gate $G --steps 20 --metrics-jsonl $R/train_$G.jsonl
