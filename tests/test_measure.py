@@ -184,3 +184,36 @@ def test_hta_cross_check_agrees_with_analyze_trace(tmp_path):
     (tmp_path / "rank0.json").write_text(json.dumps(_gpu_trace()))
     expected = measure.summarize(_gpu_trace())["exposed_comm_ms"]
     assert measure.hta_exposed_comm_ms(tmp_path, rank=0) == pytest.approx(expected, rel=1e-3)  # HTA rounds its %
+
+
+def test_backward_all_to_all_split():
+    (first, second) = analyze_trace(_gpu_trace(), forward_a2a=0)
+    assert first.backward_a2a_ms == pytest.approx(first.a2a_ms)
+    assert first.exposed_backward_a2a_ms == pytest.approx(first.exposed_a2a_ms)
+    (first, _) = analyze_trace(_gpu_trace(), forward_a2a=1)
+    assert first.backward_a2a_ms == 0.0
+
+
+def test_kernels_belong_to_the_step_that_launched_them():
+    """A gradient all-reduce still running after the compute stream's annotation ends stays in its step."""
+
+    def launch(corr, ts):
+        return {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": ts, "dur": 1, "tid": 1,
+                "args": {"correlation": corr}}
+
+    def kernel(name, corr, ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": name, "ts": ts, "dur": dur, "tid": 7, "args": {"correlation": corr}}
+
+    events = [
+        {"ph": "X", "cat": "user_annotation", "name": STEP_ANNOTATION, "ts": 0, "dur": 500, "tid": 1},
+        {"ph": "X", "cat": "gpu_user_annotation", "name": STEP_ANNOTATION, "ts": 10, "dur": 200, "tid": 7},
+        launch(1, 5), kernel("gemm", 1, 10, 200),
+        launch(2, 6), kernel("ncclDevKernel_AllReduce_Sum_f32", 2, 210, 100),  # after the annotation
+        {"ph": "X", "cat": "user_annotation", "name": STEP_ANNOTATION, "ts": 600, "dur": 100, "tid": 1},
+        launch(3, 601), kernel("gemm", 3, 605, 50),
+    ]
+    first, second = analyze_trace({"traceEvents": events})
+    assert first.step_ms == pytest.approx(0.3)
+    assert first.allreduce_ms == pytest.approx(0.1)
+    assert first.exposed_comm_ms == pytest.approx(0.1)
+    assert second.step_ms == pytest.approx(0.05)

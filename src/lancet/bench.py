@@ -75,10 +75,13 @@ class VariantResult:
         }
 
 
-def _runner(variant: str, session, plan) -> Callable[[list, torch.Tensor, torch.Tensor], StepResult]:
+def _runner(variant: str, session, plan) -> tuple[Callable[[list, torch.Tensor, torch.Tensor], StepResult], int]:
+    """The step function of ``variant`` and the number of all-to-alls its forward issues."""
+    moe_layers = sum(1 for i in range(session.model_cfg.num_layers) if session.model_cfg.is_moe_block(i))
     if variant == "eager":
-        return session.train_step
+        return session.train_step, 3 * moe_layers  # counts exchange, dispatch, combine per layer
     from lancet.capture import capture_step
+    from lancet.graph.analysis import analyze
     from lancet.runtime import CapturedStep
 
     train_graph = capture_step(session.train_step, *session.batch(0))
@@ -86,7 +89,8 @@ def _runner(variant: str, session, plan) -> Callable[[list, torch.Tensor, torch.
         from lancet.plan import apply_plan
 
         apply_plan(train_graph, plan)
-    return CapturedStep(train_graph)
+    forward_a2a = len(analyze(train_graph).collectives_of("all_to_all", "forward"))
+    return CapturedStep(train_graph), forward_a2a
 
 
 def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
@@ -108,7 +112,7 @@ def _run_variant(
         for p, v in zip(session.params, initial):
             p.copy_(v)
     session.optimizer = make_optimizer(run.optimizer, session.params, run.learning_rate)
-    runner = _runner(variant, session, plan)
+    runner, forward_a2a = _runner(variant, session, plan)
 
     def one_step(step: int) -> None:
         session.apply(runner(session.params, *session.batch(step)))
@@ -137,7 +141,7 @@ def _run_variant(
             device=runtime.device,
             trace_path=trace_dir / f"rank{runtime.rank}.json",
         )
-        trace_summary = summarize(trace)
+        trace_summary = summarize(trace, forward_a2a)
     peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30 if runtime.device.type == "cuda" else None
     tokens = session.model_cfg.tokens_per_rank * runtime.world_size
     return VariantResult(variant, step_ms, tokens / (step_ms / 1e3), peak, trace_summary)
@@ -160,7 +164,7 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
                 r.predicted = plan.predicted["after"] if r.variant in PLAN_VARIANTS else plan.predicted["before"]
         rows = [r.to_json() for r in results]
         if runtime.is_main:
-            print_table(rows, run, Console())
+            print_table(rows, run, Console(width=160))
             if opts.json_path:
                 with open(opts.json_path, "w") as f:
                     json.dump({"run": run.to_dict(), "world_size": runtime.world_size, "results": rows}, f, indent=1)
@@ -172,8 +176,8 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
 def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} network={run.network or 'native'}"
     table = Table(title=title)
-    columns = ("variant", "step ms", "x eager", "tokens/s", "a2a ms", "exposed a2a ms", "exposed comm ms",
-               "predicted ms", "peak GiB")
+    columns = ("variant", "step ms", "x eager", "tokens/s", "a2a ms", "exposed a2a", "exposed bwd a2a",
+               "exposed comm", "predicted ms", "peak GiB")
     for column in columns:
         table.add_column(column, justify="right")
     eager = next((r["step_ms"] for r in rows if r["variant"] == "eager"), None)
@@ -186,8 +190,10 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
             f"{r['tokens_per_s']:,.0f}",
             f"{t['a2a_ms']:.2f}" if t else "",
             f"{t['exposed_a2a_ms']:.2f}" if t else "",
+            f"{t['exposed_backward_a2a_ms']:.2f}" if t else "",
             f"{t['exposed_comm_ms']:.2f}" if t else "",
             f"{r['predicted']['makespan_ms']:.2f}" if r.get("predicted") else "",
             f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "",
         )
     console.print(table)
+    console.print("times in ms; exposed = not covered by compute kernels (profiled steps, rank 0)")

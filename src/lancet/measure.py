@@ -10,9 +10,9 @@ GPU traces (events of category ``kernel`` present):
   NCCL's grouped send/recv (``SendRecv``) or an ``AllToAll`` kernel, all-reduce
   an ``AllReduce`` kernel;
 - every other kernel is compute; memcpy/memset events are neither;
-- the step window is the GPU-side span of the step annotation (kineto writes
-  one ``gpu_user_annotation`` per stream, which are joined), or the CPU-side
-  span when the trace has none;
+- a kernel belongs to the step whose host-side range launched it (runtime
+  call and kernel share a correlation id); the step window runs from the
+  step's first kernel (or its GPU-side annotation) to its last kernel;
 - all kernels of the trace count together, whatever their stream or device
   (one rank per trace).
 
@@ -109,6 +109,9 @@ class StepMetrics:
     allreduce_ms: float
     exposed_comm_ms: float
     exposed_a2a_ms: float
+    backward_a2a_ms: float = 0.0
+    """All-to-all time after the forward's last all-to-all (0 unless the forward count is given)."""
+    exposed_backward_a2a_ms: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         """The metrics as a plain dict (JSON-ready)."""
@@ -128,16 +131,19 @@ class _Step:
         return [(s, e) for kind, s, e in self.spans if kind in kinds]
 
 
-def _metrics(step: _Step) -> StepMetrics:
-    """StepMetrics of one classified step."""
+def _metrics(step: _Step, forward_a2a: int | None = None) -> StepMetrics:
+    """StepMetrics of one classified step; ``forward_a2a``: how many all-to-alls the forward issues."""
     compute = merge_intervals(step.intervals(COMPUTE))
     comm = step.intervals(A2A, ALLREDUCE, OTHER_COMM)
     a2a = step.intervals(A2A)
+    backward_a2a = sorted(a2a)[forward_a2a:] if forward_a2a is not None else []
 
     def ms(intervals: Intervals) -> float:
         return total_length(intervals) / _US_PER_MS
 
     return StepMetrics(
+        backward_a2a_ms=ms(backward_a2a),
+        exposed_backward_a2a_ms=ms(subtract(backward_a2a, compute)),
         step_ms=(step.window[1] - step.window[0]) / _US_PER_MS,
         compute_ms=ms(compute),
         comm_ms=ms(comm),
@@ -196,10 +202,51 @@ def _kernel_kind(name: str) -> str:
     return ALLREDUCE if _ALLREDUCE.search(name) else OTHER_COMM
 
 
+def _launch_times(events: list[dict]) -> dict[object, float]:
+    """Correlation id -> host time of the runtime call that launched the kernel."""
+    return {
+        e["args"]["correlation"]: float(e["ts"])
+        for e in events
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
+
+
 def _gpu_steps(events: list[dict]) -> list[_Step]:
-    kernels = [(_kernel_kind(e["name"]), *_span(e)) for e in events if e.get("cat") == "kernel"]
-    windows = _gpu_windows(events)
-    return [_Step(window, spans) for window, spans in zip(windows, _by_window(kernels, windows))]
+    """Kernels belong to the step whose host-side range launched them.
+
+    The GPU-side annotation of a step covers only the streams that the range
+    itself touched, so communication kernels still running when the compute
+    stream finishes (the gradient all-reduces at the end of a step) would
+    fall outside it; the launch time places them in their step. The window is
+    the annotation's GPU span widened to every kernel of the step.
+    """
+    host_ranges = sorted((_span(e) for e in _annotations(events, "user_annotation")))
+    launches = _launch_times(events)
+    gpu_windows = _gpu_windows(events)
+    if not host_ranges or not launches:
+        kernels = [(_kernel_kind(e["name"]), *_span(e)) for e in events if e.get("cat") == "kernel"]
+        return [_Step(window, spans) for window, spans in zip(gpu_windows, _by_window(kernels, gpu_windows))]
+    per_step: list[list[Span]] = [[] for _ in host_ranges]
+    starts = [lo for lo, _ in host_ranges]
+    for e in events:
+        if e.get("cat") != "kernel":
+            continue
+        launched = launches.get(e.get("args", {}).get("correlation"))
+        if launched is None:
+            continue
+        i = bisect.bisect_right(starts, launched) - 1
+        if i >= 0 and launched < host_ranges[i][1]:
+            per_step[i].append((_kernel_kind(e["name"]), *_span(e)))
+    steps = []
+    for i, spans in enumerate(per_step):
+        if not spans:
+            continue
+        lo = min(s for _, s, _ in spans)
+        hi = max(e for _, _, e in spans)
+        if i < len(gpu_windows):
+            lo, hi = min(lo, gpu_windows[i][0]), max(hi, gpu_windows[i][1])
+        steps.append(_Step((lo, hi), spans))
+    return steps
 
 
 def _collective_kind(name: str) -> str | None:
@@ -243,9 +290,14 @@ def _steps(trace: dict) -> list[_Step]:
     return _gpu_steps(events) if _is_gpu_trace(events) else _cpu_steps(events)
 
 
-def analyze_trace(trace: dict) -> list[StepMetrics]:
-    """Per-step overlap metrics of a Chrome trace from ``profile_steps`` (GPU or CPU), in step order."""
-    return [_metrics(step) for step in _steps(trace)]
+def analyze_trace(trace: dict, forward_a2a: int | None = None) -> list[StepMetrics]:
+    """Per-step overlap metrics of a Chrome trace from ``profile_steps`` (GPU or CPU), in step order.
+
+    With ``forward_a2a`` (the number of all-to-alls the forward issues), the
+    all-to-alls after the first ``forward_a2a`` of each step are reported as
+    the backward's.
+    """
+    return [_metrics(step, forward_a2a) for step in _steps(trace)]
 
 
 def median_metrics(steps: list[StepMetrics]) -> StepMetrics:
@@ -255,9 +307,9 @@ def median_metrics(steps: list[StepMetrics]) -> StepMetrics:
     return StepMetrics(**{f.name: statistics.median(getattr(s, f.name) for s in steps) for f in fields(StepMetrics)})
 
 
-def summarize(trace: dict) -> dict[str, float | int]:
+def summarize(trace: dict, forward_a2a: int | None = None) -> dict[str, float | int]:
     """Median metrics over the profiled steps plus their count (``steps``), ready for JSON."""
-    steps = analyze_trace(trace)
+    steps = analyze_trace(trace, forward_a2a)
     return {**median_metrics(steps).as_dict(), "steps": len(steps)}
 
 
