@@ -51,3 +51,18 @@ def test_peak_live_bytes_follows_order():
     nodes["wait_a2a_2"].append(nodes["dw1"])  # dw1's output now exists for less time; nothing else changes
     assert peak_live_bytes(tg.graph, sizes) <= before
     assert NodeCosts().compute(nodes["dw1"]) == 0.0
+
+
+def test_host_issue_time_and_host_sync():
+    from tests.graphs import GraphBuilder
+    import torch
+
+    b = GraphBuilder()
+    x = b.input("x")
+    b.phase = "forward"
+    a = b.op(torch.ops.aten.relu.default, x, name="a")
+    c = b.op(torch.ops.aten.relu.default, a, name="c")
+    tg = b.finish(c)
+    costs = NodeCosts(compute_ms={"a": 1.0, "c": 1.0}, host_ms={"a": 0.1, "c": 3.0})
+    # a issued at 0.1 runs [0.1, 1.1]; c issued at 3.1 runs [3.1, 4.1]: the host is the bottleneck.
+    assert simulate(tg.graph, costs).makespan_ms == pytest.approx(4.1)

@@ -85,7 +85,11 @@ def optimize(
     if differences:
         raise ArtifactMismatch(f"{comm_path} was measured for a different run:\n  " + "\n  ".join(differences))
     profile = ComputeProfile.from_json(profile_doc["profile"])
-    cost_model = ProfiledCostModel(profile=profile, comm=CommProfile.from_json(comm_doc["comm"]))
+    cost_model = ProfiledCostModel(
+        profile=profile,
+        comm=CommProfile.from_json(comm_doc["comm"]),
+        model_host=profile_identity.device.startswith("cuda"),
+    )
     with fake_process_group(profile_identity.world_size):
         train_graph = capture_for_profile(profile_doc)
         fingerprint = graph_fingerprint(train_graph.graph)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 from lancet.artifact import write_artifact
 from lancet.capture import capture_step
 from lancet.config import RunConfig
-from lancet.cost.comm import DEFAULT_SIZES, KINDS, CommProfile, measure_contention, sweep
+from lancet.cost.comm import DEFAULT_SIZES, KINDS, CommProfile, measure_contention, measure_issue_ms, sweep
 from lancet.cost.profile import profile_graph
 from lancet.dist import apply_network_env, init_runtime, shutdown_runtime
 
@@ -54,7 +54,11 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
         bar = tqdm(total=len(sizes) * len(KINDS), desc="comm sweep", disable=not runtime.is_main)
         curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.update(1))
         bar.close()
-        comm = CommProfile(curves=curves, contention=measure_contention(runtime.group, runtime.device))
+        comm = CommProfile(
+            curves=curves,
+            contention=measure_contention(runtime.group, runtime.device),
+            issue_ms=measure_issue_ms(runtime.group, runtime.device),
+        )
         payload = {"comm": comm.to_json()}
         if runtime.is_main:
             identity = replace(run.identity(runtime.world_size, runtime.device), model="", gate="", dtype="")

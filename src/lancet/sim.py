@@ -1,10 +1,12 @@
 """Two-lane timeline simulator of a step graph.
 
-The graph order is the issue order. Compute nodes run one after another on
-the compute lane; a collective is issued on the communication lane when the
-compute lane reaches its start node (NCCL's stream waits for everything issued
-before it) and when the lane is free (collectives of one group serialise); its
-wait blocks the compute lane until it ends. While a collective is in flight,
+The graph order is the issue order. The host issues nodes one after another
+(``host_ms`` each); a kernel starts once issued and once the compute lane is
+free; a host sync (a device-to-host copy) makes the host wait for the device.
+A collective is issued on the communication lane when the compute lane
+reaches its start node (NCCL's stream waits for everything issued before it)
+and when the lane is free (collectives of one group serialise); its wait
+blocks the compute lane until it ends. While a collective is in flight,
 compute runs ``contention`` times slower.
 
     compute  |==a==|==b==|        |==d==|==e==|
@@ -130,14 +132,15 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
     timeline = Timeline()
     ready: dict[fx.Node, float] = {}
     comm_busy: list[tuple[float, float]] = []
-    compute_free = comm_free = 0.0
+    host = compute_free = comm_free = 0.0
     compute_ivs: list[tuple[float, float]] = []
     a2a_ivs: list[tuple[float, float]] = []
     for node in graph.nodes:
         role = node_role(node)
         inputs_ready = max((ready.get(p, 0.0) for p in node.all_input_nodes), default=0.0)
         if role == Role.COMM_START:
-            start = max(comm_free, compute_free, inputs_ready)
+            host += costs.collective_host_ms
+            start = max(comm_free, compute_free, inputs_ready, host)
             end = start + costs.comm(node)
             comm_free = end
             comm_busy.append((start, end))
@@ -150,17 +153,21 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
             compute_free = max(compute_free, inputs_ready)
             ready[node] = compute_free
         elif role in (Role.COMPUTE, Role.HOST_SYNC):
+            if node.op == "call_function":
+                host += costs.host(node)
             cost = costs.compute(node)
-            start = max(compute_free, inputs_ready)
+            start = max(compute_free, inputs_ready, host)
             end = _stretch(start, cost, comm_busy, costs.contention)
             if cost > 0:
                 timeline.intervals.append(Interval(node.name, "compute", start, end, str(node.target)))
                 compute_ivs.append((start, end))
                 compute_free = end
             ready[node] = end if cost > 0 else start
+            if role == Role.HOST_SYNC:
+                host = max(host, end)  # the host waits for the device value
         else:
             ready[node] = 0.0 if role == Role.INPUT else compute_free
-    timeline.makespan_ms = max(compute_free, comm_free)
+    timeline.makespan_ms = max(compute_free, comm_free, host)
     timeline.compute_ms = sum(e - s for s, e in _union(compute_ivs))
     timeline.comm_ms = sum(e - s for s, e in _union(comm_busy))
     timeline.exposed_comm_ms = _uncovered(comm_busy, compute_ivs)

@@ -53,6 +53,8 @@ class PiecewiseLinear:
 class CommProfile:
     curves: dict[str, PiecewiseLinear] = field(default_factory=dict)
     contention: float = 1.0
+    issue_ms: float = 0.0
+    """Host time to issue one collective (median over the smallest messages)."""
 
     def ms(self, kind: str, nbytes: float) -> float:
         if kind not in self.curves:
@@ -63,12 +65,13 @@ class CommProfile:
         return {
             "curves": {k: [[x, y] for x, y in c.points] for k, c in self.curves.items()},
             "contention": self.contention,
+            "issue_ms": self.issue_ms,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> CommProfile:
         curves = {k: PiecewiseLinear([(float(x), float(y)) for x, y in pts]) for k, pts in data["curves"].items()}
-        return cls(curves=curves, contention=float(data.get("contention", 1.0)))
+        return cls(curves=curves, contention=float(data.get("contention", 1.0)), issue_ms=float(data.get("issue_ms", 0.0)))
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
@@ -97,6 +100,23 @@ def _collective(kind: str, nbytes: int, group: dist.ProcessGroup, device: torch.
         recv = torch.empty_like(send)
         return lambda: dist.all_to_all_single(recv, send, group=group)
     return lambda: dist.all_reduce(send, group=group)
+
+
+def measure_issue_ms(group: dist.ProcessGroup, device: torch.device, reps: int = 20) -> float:
+    """Host time to issue a small all-to-all (what a collective costs the host that launches it)."""
+    call = _collective("all_to_all", 4096, group, device)
+    call()
+    dist.barrier(group)
+    samples = []
+    for _ in range(reps):
+        begin = time.perf_counter()
+        call()
+        samples.append((time.perf_counter() - begin) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    gathered: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, statistics.median(samples), group=group)
+    return float(statistics.median(gathered))
 
 
 def sweep(

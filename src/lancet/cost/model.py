@@ -27,9 +27,18 @@ class NodeCosts:
     """Bytes each node produces (memory model)."""
     contention: float = 1.0
     """Compute slows down by this factor while a collective is in flight (>= 1)."""
+    host_ms: dict[str, float] = field(default_factory=dict)
+    """Host time to issue each node (launch overhead); empty: the host is never the bottleneck."""
+    default_host_ms: float = 0.0
+    """Issue time of nodes ``host_ms`` does not name."""
+    collective_host_ms: float = 0.0
+    """Issue time of a collective."""
 
     def compute(self, node: fx.Node) -> float:
         return self.compute_ms.get(node.name, 0.0)
+
+    def host(self, node: fx.Node) -> float:
+        return self.host_ms.get(node.name, self.default_host_ms)
 
     def comm(self, node: fx.Node) -> float:
         return self.comm_ms.get(node.name, 0.0)
@@ -81,12 +90,20 @@ class ProfiledCostModel:
 
     profile: "ComputeProfile"  # noqa: F821 (lancet.cost.profile)
     comm: "CommProfile"  # noqa: F821 (lancet.cost.comm)
+    model_host: bool = True
+    """Model the host's issue time (GPU runs); off where the host does the compute itself (CPU runs)."""
     unpriced: list[str] = field(default_factory=list)
 
     def costs(self, graph: fx.Graph) -> NodeCosts:
+        import statistics
+
         from lancet.cost.profile import is_timed
 
         out = NodeCosts(contention=self.comm.contention, out_bytes=dict(self.profile.out_bytes))
+        if self.model_host and self.profile.host_ms:
+            out.host_ms = dict(self.profile.host_ms)
+            out.default_host_ms = statistics.median(self.profile.host_ms.values())
+            out.collective_host_ms = self.comm.issue_ms
         self.unpriced = []
         for node in graph.nodes:
             role = node_role(node)

@@ -60,15 +60,25 @@ class _Clock:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
 
-    def time_ms(self, fn: Callable[[], object], reps: int) -> float:
+    def time_ms(self, fn: Callable[[], object], reps: int) -> tuple[float, float]:
+        """(device ms, host ms) per call: kernel time, and the host's time to issue one call."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            begin = time.perf_counter()
             for _ in range(reps):
                 fn()
+            host = (time.perf_counter() - begin) * 1e3 / reps
             end.record()
             end.synchronize()
-            return start.elapsed_time(end) / reps
+            return start.elapsed_time(end) / reps, host
+        begin = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host = (time.perf_counter() - begin) * 1e3 / reps
+        return host, host
+
+    def host_ms(self, fn: Callable[[], object], reps: int) -> float:
         begin = time.perf_counter()
         for _ in range(reps):
             fn()
@@ -84,23 +94,28 @@ class NodeTimer(fx.Interpreter):
         self.reps = reps
         self.warmup = warmup
         self.node_ms: dict[str, float] = {}
+        self.host_ms: dict[str, float] = {}
         self.node_key: dict[str, str] = {}
         self.out_bytes: dict[str, int] = {}
-        self._by_key: dict[str, float] = {}
+        self._by_key: dict[str, tuple[float, float]] = {}
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
         self.out_bytes[node.name] = output_bytes(result)
-        if node.op == "call_function" and is_timed(node):
-            args, kwargs = self.fetch_args_kwargs_from_env(node)
-            key = op_key(node, args, kwargs)
-            if key not in self._by_key:
-                call = lambda: node.target(*args, **kwargs)  # noqa: E731
-                for _ in range(self.warmup):
-                    call()
-                self._by_key[key] = self.clock.time_ms(call, self.reps)
-            self.node_ms[node.name] = self._by_key[key]
-            self.node_key[node.name] = key
+        if node.op != "call_function" or node_role(node) in (Role.COMM_START, Role.COMM_WAIT):
+            return result
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        call = lambda: node.target(*args, **kwargs)  # noqa: E731
+        if not is_timed(node):
+            self.host_ms[node.name] = self.clock.host_ms(call, self.reps)
+            return result
+        key = op_key(node, args, kwargs)
+        if key not in self._by_key:
+            for _ in range(self.warmup):
+                call()
+            self._by_key[key] = self.clock.time_ms(call, self.reps)
+        self.node_ms[node.name], self.host_ms[node.name] = self._by_key[key]
+        self.node_key[node.name] = key
         return result
 
 
@@ -110,6 +125,8 @@ class ComputeProfile:
 
     fingerprint: str
     node_ms: dict[str, float] = field(default_factory=dict)
+    host_ms: dict[str, float] = field(default_factory=dict)
+    """Host time to issue each node (launch overhead; includes any wait of a host sync)."""
     node_key: dict[str, str] = field(default_factory=dict)
     out_bytes: dict[str, int] = field(default_factory=dict)
     comm_bytes: dict[str, int] = field(default_factory=dict)
@@ -128,6 +145,7 @@ class ComputeProfile:
             "fingerprint": self.fingerprint,
             "passes": self.passes,
             "nodes": {n: {"ms": ms, "key": self.node_key.get(n, "")} for n, ms in self.node_ms.items()},
+            "host_ms": self.host_ms,
             "ops": self.op_ms(),
             "out_bytes": self.out_bytes,
             "collectives": {n: {"kind": self.comm_kind[n], "bytes": b} for n, b in self.comm_bytes.items()},
@@ -139,6 +157,7 @@ class ComputeProfile:
             fingerprint=data["fingerprint"],
             node_ms={n: v["ms"] for n, v in data["nodes"].items()},
             node_key={n: v["key"] for n, v in data["nodes"].items()},
+            host_ms={n: float(v) for n, v in data.get("host_ms", {}).items()},
             out_bytes={n: int(b) for n, b in data["out_bytes"].items()},
             comm_bytes={n: int(v["bytes"]) for n, v in data["collectives"].items()},
             comm_kind={n: v["kind"] for n, v in data["collectives"].items()},
@@ -162,27 +181,31 @@ def profile_graph(
     progress: Callable[[int], None] | None = None,
 ) -> ComputeProfile:
     """Time every compute node over one pass per batch; median over passes, then over ranks."""
-    per_pass_ms, per_pass_bytes = [], []
+    per_pass_ms, per_pass_host, per_pass_bytes = [], [], []
     keys: dict[str, str] = {}
     for i, inputs in enumerate(batches):
         timer = NodeTimer(gm, device, reps=reps, warmup=warmup)
         with torch.no_grad():
             timer.run(*inputs)
         per_pass_ms.append(timer.node_ms)
+        per_pass_host.append(timer.host_ms)
         per_pass_bytes.append({k: float(v) for k, v in timer.out_bytes.items()})
         keys.update(timer.node_key)
         if progress is not None:
             progress(i + 1)
     node_ms, out_bytes = _median_dicts(per_pass_ms), _median_dicts(per_pass_bytes)
+    host_ms = _median_dicts(per_pass_host)
     if group is not None and dist.get_world_size(group) > 1:
         gathered: list[object] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (node_ms, out_bytes), group=group)
+        dist.all_gather_object(gathered, (node_ms, out_bytes, host_ms), group=group)
         node_ms = _median_dicts([g[0] for g in gathered])
         out_bytes = _median_dicts([g[1] for g in gathered])
+        host_ms = _median_dicts([g[2] for g in gathered])
     starts = [n for n in gm.graph.nodes if node_role(n) == Role.COMM_START]
     return ComputeProfile(
         fingerprint=graph_fingerprint(gm.graph),
         node_ms=node_ms,
+        host_ms=host_ms,
         node_key={n: keys[n] for n in node_ms},
         out_bytes={n: int(b) for n, b in out_bytes.items()},
         comm_bytes={n.name: int(out_bytes.get(n.name, 0)) for n in starts},
