@@ -66,3 +66,15 @@ def test_host_issue_time_and_host_sync():
     costs = NodeCosts(compute_ms={"a": 1.0, "c": 1.0}, host_ms={"a": 0.1, "c": 3.0})
     # a issued at 0.1 runs [0.1, 1.1]; c issued at 3.1 runs [3.1, 4.1]: the host is the bottleneck.
     assert simulate(tg.graph, costs).makespan_ms == pytest.approx(4.1)
+
+
+def test_comm_slows_down_beside_compute():
+    tg = two_layer_backward()
+    nodes = {n.name: n for n in tg.graph.nodes}
+    nodes["a2a_1"].append(nodes["dw1"])  # 1 ms of compute inside a2a_1's 4 ms window
+    costs = ToyCostModel(compute_ms=1.0, comm_ms={"all_to_all": 4.0}).costs(tg.graph)
+    plain = simulate(tg.graph, costs)
+    costs.comm_contention = 2.0
+    slowed = simulate(tg.graph, costs)
+    # a2a_1 shares 1 of its 4 ms: 4 * (1 + 1 * 0.25) = 5 ms; a2a_2 has nothing beside it.
+    assert slowed.makespan_ms == pytest.approx(plain.makespan_ms + 1.0)

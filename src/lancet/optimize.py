@@ -126,6 +126,13 @@ def print_prediction(result: OptimizeResult, console: Console) -> None:
             f"{p['peak_live_bytes'] / 1e6:.1f}",
         )
     console.print(table)
+    chosen = result.plan.options.get("chosen")
+    candidates = result.plan.predicted.get("candidates", {})
+    console.print(
+        "candidates (predicted step ms): "
+        + ", ".join(f"{name} {p['makespan_ms']:.2f}" for name, p in candidates.items())
+        + f"; chosen: {chosen}"
+    )
     if result.plan.dw is not None:
         console.print(f"dW nodes moved into all-to-all windows: {result.plan.dw.num_moved}")
     if result.plan.allreduce is not None:

@@ -15,6 +15,7 @@ from lancet.artifact import RunIdentity, identity_from_json, read_artifact, writ
 from lancet.capture import TrainGraph
 from lancet.cost.model import NodeCosts
 from lancet.cost.profile import graph_fingerprint
+from lancet.graph.reorder import apply_order
 from lancet.passes.allreduce_gaps import AllReduceDecisions, allreduce_gaps_pass, apply_allreduce_decisions
 from lancet.passes.dw import DwDecisions, apply_dw_decisions, dw_pass
 from lancet.sim import Timeline, simulate
@@ -61,6 +62,32 @@ class Plan:
         write_artifact(path, "plan", self.identity, self.to_json())
 
 
+@dataclass(slots=True)
+class _Candidate:
+    name: str
+    dw: DwDecisions | None
+    allreduce: AllReduceDecisions | None
+    timeline: Timeline
+
+
+def _candidates(train_graph: TrainGraph, costs: NodeCosts, schedule_dw: bool, memory_cap_bytes: int | None):
+    """Every combination of the order-only passes, each simulated from the captured order."""
+    graph = train_graph.graph
+    original = list(graph.nodes)
+    found = [_Candidate("captured", None, None, simulate(graph, costs))]
+    _, allreduce = allreduce_gaps_pass(train_graph, costs)
+    found.append(_Candidate("allreduce", None, allreduce, simulate(graph, costs)))
+    apply_order(graph, original)
+    if schedule_dw:
+        _, dw = dw_pass(train_graph, costs, memory_cap_bytes=memory_cap_bytes)
+        found.append(_Candidate("dw", dw, None, simulate(graph, costs)))
+        _, allreduce = allreduce_gaps_pass(train_graph, costs)
+        found.append(_Candidate("dw+allreduce", dw, allreduce, simulate(graph, costs)))
+        apply_order(graph, original)
+    train_graph.gm.recompile()
+    return found
+
+
 def make_plan(
     train_graph: TrainGraph,
     costs: NodeCosts,
@@ -69,20 +96,28 @@ def make_plan(
     schedule_dw: bool = True,
     memory_cap_bytes: int | None = None,
 ) -> tuple[Plan, Timeline, Timeline]:
-    """Run the passes on ``train_graph`` (in place) and return the plan with the before/after timelines."""
+    """Simulate every combination of the passes, keep the fastest, apply it to ``train_graph`` (in place).
+
+    Returns the plan with the timelines of the captured order and of the plan.
+    Ties go to the candidate with fewer passes (listed first).
+    """
     fingerprint = graph_fingerprint(train_graph.graph)
-    before = simulate(train_graph.graph, costs)
+    found = _candidates(train_graph, costs, schedule_dw, memory_cap_bytes)
+    best = min(found, key=lambda c: c.timeline.makespan_ms)
     plan = Plan(
         identity=identity,
         fingerprint=fingerprint,
-        options={"dw": schedule_dw, "memory_cap_bytes": memory_cap_bytes},
+        dw=best.dw,
+        allreduce=best.allreduce,
+        options={"dw": schedule_dw, "memory_cap_bytes": memory_cap_bytes, "chosen": best.name},
     )
-    if schedule_dw:
-        _, plan.dw = dw_pass(train_graph, costs, memory_cap_bytes=memory_cap_bytes)
-    _, plan.allreduce = allreduce_gaps_pass(train_graph, costs)
-    after = simulate(train_graph.graph, costs)
-    plan.predicted = {"before": before.summary(), "after": after.summary()}
-    return plan, before, after
+    apply_plan(train_graph, plan)
+    plan.predicted = {
+        "before": found[0].timeline.summary(),
+        "after": best.timeline.summary(),
+        "candidates": {c.name: c.timeline.summary() for c in found},
+    }
+    return plan, found[0].timeline, best.timeline
 
 
 def apply_plan(train_graph: TrainGraph, plan: Plan) -> TrainGraph:

@@ -54,9 +54,11 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
         bar = tqdm(total=len(sizes) * len(KINDS), desc="comm sweep", disable=not runtime.is_main)
         curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.update(1))
         bar.close()
+        compute_slowdown, comm_slowdown = measure_contention(runtime.group, runtime.device)
         comm = CommProfile(
             curves=curves,
-            contention=measure_contention(runtime.group, runtime.device),
+            contention=compute_slowdown,
+            comm_contention=comm_slowdown,
             issue_ms=measure_issue_ms(runtime.group, runtime.device),
         )
         payload = {"comm": comm.to_json()}
@@ -65,7 +67,8 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
             write_artifact(out_path, "comm", identity, payload)
             largest, ms = comm.curves["all_to_all"].points[-1]
             Console().print(
-                f"all-to-all of {largest / 2**20:.1f} MiB: {ms:.3f} ms; contention x{comm.contention:.3f} -> {out_path}"
+                f"all-to-all of {largest / 2**20:.1f} MiB: {ms:.3f} ms; compute slowdown under comm "
+                f"x{comm.contention:.3f}, comm slowdown under compute x{comm.comm_contention:.3f} -> {out_path}"
             )
         return payload
     finally:

@@ -7,7 +7,8 @@ A collective is issued on the communication lane when the compute lane
 reaches its start node (NCCL's stream waits for everything issued before it)
 and when the lane is free (collectives of one group serialise); its wait
 blocks the compute lane until it ends. While a collective is in flight,
-compute runs ``contention`` times slower.
+compute runs ``contention`` times slower; a collective with compute issued
+inside its window runs up to ``comm_contention`` times slower.
 
     compute  |==a==|==b==|        |==d==|==e==|
     comm            |====a2a====|
@@ -127,9 +128,39 @@ def _uncovered(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> fl
     return total
 
 
+def _window_compute(graph: fx.Graph, costs: NodeCosts) -> dict[fx.Node, float]:
+    """For each collective start, the compute cost issued between it and its wait (what runs beside it)."""
+    open_windows: dict[fx.Node, float] = {}
+    result: dict[fx.Node, float] = {}
+    for node in graph.nodes:
+        role = node_role(node)
+        if role == Role.COMM_START:
+            open_windows[node] = 0.0
+        elif role == Role.COMM_WAIT:
+            for start in node.all_input_nodes:
+                if start in open_windows:
+                    result[start] = open_windows.pop(start)
+        elif role in (Role.COMPUTE, Role.HOST_SYNC):
+            cost = costs.compute(node)
+            for start in open_windows:
+                open_windows[start] += cost
+    result.update(open_windows)
+    return result
+
+
+def _comm_duration(node: fx.Node, costs: NodeCosts, beside: float) -> float:
+    """A collective's time, stretched by ``comm_contention`` over the part that runs beside compute."""
+    base = costs.comm(node)
+    if base <= 0 or costs.comm_contention == 1.0:
+        return base
+    shared = min(1.0, beside / base)
+    return base * (1.0 + (costs.comm_contention - 1.0) * shared)
+
+
 def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
     """Simulate ``graph`` in its current node order under ``costs``."""
     timeline = Timeline()
+    beside = _window_compute(graph, costs)
     ready: dict[fx.Node, float] = {}
     comm_busy: list[tuple[float, float]] = []
     host = compute_free = comm_free = 0.0
@@ -141,7 +172,7 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
         if role == Role.COMM_START:
             host += costs.collective_host_ms
             start = max(comm_free, compute_free, inputs_ready, host)
-            end = start + costs.comm(node)
+            end = start + _comm_duration(node, costs, beside.get(node, 0.0))
             comm_free = end
             comm_busy.append((start, end))
             kind = str(node.target).split(".")[-2]

@@ -53,6 +53,9 @@ class PiecewiseLinear:
 class CommProfile:
     curves: dict[str, PiecewiseLinear] = field(default_factory=dict)
     contention: float = 1.0
+    """Compute slowdown while a collective runs."""
+    comm_contention: float = 1.0
+    """Collective slowdown while compute runs."""
     issue_ms: float = 0.0
     """Host time to issue one collective (median over the smallest messages)."""
 
@@ -65,13 +68,19 @@ class CommProfile:
         return {
             "curves": {k: [[x, y] for x, y in c.points] for k, c in self.curves.items()},
             "contention": self.contention,
+            "comm_contention": self.comm_contention,
             "issue_ms": self.issue_ms,
         }
 
     @classmethod
     def from_json(cls, data: dict) -> CommProfile:
         curves = {k: PiecewiseLinear([(float(x), float(y)) for x, y in pts]) for k, pts in data["curves"].items()}
-        return cls(curves=curves, contention=float(data.get("contention", 1.0)), issue_ms=float(data.get("issue_ms", 0.0)))
+        return cls(
+            curves=curves,
+            contention=float(data.get("contention", 1.0)),
+            comm_contention=float(data.get("comm_contention", 1.0)),
+            issue_ms=float(data.get("issue_ms", 0.0)),
+        )
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
@@ -143,28 +152,50 @@ def sweep(
     return {k: PiecewiseLinear(v) for k, v in curves.items()}
 
 
-def measure_contention(group: dist.ProcessGroup, device: torch.device, reps: int = 3) -> float:
-    """Slowdown of a matmul loop while an all-to-all runs beside it (median of ranks, >= 1)."""
+def measure_contention(group: dist.ProcessGroup, device: torch.device, reps: int = 3) -> tuple[float, float]:
+    """(compute, comm) slowdown when a matmul loop and an all-to-all share the GPU (median of ranks, >= 1).
+
+    Compute: a matmul loop timed alone and while a 256 MiB all-to-all runs
+    beside it. Communication: a 64 MiB all-to-all timed alone and while
+    matmuls run beside it (NCCL's kernels compete with the GEMMs for SMs).
+    """
     if device.type != "cuda":
-        return 1.0
+        return 1.0, 1.0
     time_ms = _timer(device)
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
     matmuls = lambda: [a @ a for _ in range(8)]  # noqa: E731
     matmuls()
-    alone = statistics.median(time_ms(matmuls, 1) for _ in range(reps))
-    comm = _collective("all_to_all", 256 * 2**20, group, device)
+    side = torch.cuda.Stream(device)
+    big_comm = _collective("all_to_all", 256 * 2**20, group, device)
+    comm = _collective("all_to_all", 64 * 2**20, group, device)
+    big_comm()
     comm()
-    samples = []
-    for _ in range(reps):
+
+    def on_side(fn):
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            return fn()
+
+    def sample(measure, beside) -> float:
         dist.barrier(group)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            comm()
-        samples.append(time_ms(matmuls, 1))
-        torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
-    together = statistics.median(samples)
+        if beside is not None:
+            beside()
+        elapsed = measure()
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        return elapsed
+
+    compute_alone = statistics.median(sample(lambda: time_ms(matmuls, 1), None) for _ in range(reps))
+    compute_shared = statistics.median(
+        sample(lambda: time_ms(matmuls, 1), lambda: on_side(big_comm)) for _ in range(reps)
+    )
+    comm_alone = statistics.median(sample(lambda: on_side(lambda: time_ms(comm, 1)), None) for _ in range(reps))
+    comm_shared = statistics.median(
+        sample(lambda: on_side(lambda: time_ms(comm, 1)), lambda: [a @ a for _ in range(16)]) for _ in range(reps)
+    )
     gathered: list[object] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, together / alone, group=group)
-    return max(1.0, float(statistics.median(gathered)))
+    dist.all_gather_object(gathered, (compute_shared / compute_alone, comm_shared / comm_alone), group=group)
+    compute = statistics.median(g[0] for g in gathered)
+    comm_factor = statistics.median(g[1] for g in gathered)
+    return max(1.0, float(compute)), max(1.0, float(comm_factor))

@@ -27,6 +27,8 @@ class NodeCosts:
     """Bytes each node produces (memory model)."""
     contention: float = 1.0
     """Compute slows down by this factor while a collective is in flight (>= 1)."""
+    comm_contention: float = 1.0
+    """A collective slows down by this factor while compute runs beside it (>= 1)."""
     host_ms: dict[str, float] = field(default_factory=dict)
     """Host time to issue each node (launch overhead); empty: the host is never the bottleneck."""
     default_host_ms: float = 0.0
@@ -99,7 +101,11 @@ class ProfiledCostModel:
 
         from lancet.cost.profile import is_timed
 
-        out = NodeCosts(contention=self.comm.contention, out_bytes=dict(self.profile.out_bytes))
+        out = NodeCosts(
+            contention=self.comm.contention,
+            comm_contention=self.comm.comm_contention,
+            out_bytes=dict(self.profile.out_bytes),
+        )
         if self.model_host and self.profile.host_ms:
             out.host_ms = dict(self.profile.host_ms)
             out.default_host_ms = statistics.median(self.profile.host_ms.values())
