@@ -160,6 +160,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from lancet.timeline import render
+
+    try:
+        render(args.trace, args.out, args.step)
+    except (FileNotFoundError, IndexError) as err:
+        raise UsageError(str(err)) from None
+    print(f"timeline -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lancet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", default=None, help="write results as JSON")
     bench.add_argument("--trace-dir", default="lancet_traces", help="profiler traces, one folder per variant")
     bench.set_defaults(func=cmd_bench)
+
+    timeline = sub.add_parser("timeline", help="PNG of one step of a profiler trace or a predicted trace")
+    timeline.add_argument("--trace", required=True, help="Chrome trace (.json or .json.gz)")
+    timeline.add_argument("--out", required=True, help="PNG to write")
+    timeline.add_argument("--step", type=int, default=0, help="profiled step to draw (measured traces)")
+    timeline.set_defaults(func=cmd_timeline)
     return parser
 
 
