@@ -183,6 +183,9 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
         elif role == Role.COMM_WAIT:
             compute_free = max(compute_free, inputs_ready)
             ready[node] = compute_free
+        elif role == Role.HOST_WAIT:
+            host = max(host + costs.host(node), inputs_ready)  # the host waits; the device does not
+            ready[node] = host
         elif role in (Role.COMPUTE, Role.HOST_SYNC):
             if node.op == "call_function":
                 host += costs.host(node)

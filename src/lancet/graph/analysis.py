@@ -177,7 +177,7 @@ def analyze(train_graph: TrainGraph) -> GraphAnalysis:
         phase=phase,
         collectives=collectives,
         moe_layers=layers,
-        host_syncs=[n for n in graph.nodes if roles[n] == Role.HOST_SYNC],
+        host_syncs=[n for n in graph.nodes if roles[n] in (Role.HOST_SYNC, Role.HOST_WAIT)],
     )
     analysis.dw_overlap = _dw_overlap(graph, reach, roles, phase, collectives)
     return analysis

@@ -23,6 +23,7 @@ class Role(enum.Enum):
     COMM_START = "comm_start"
     COMM_WAIT = "comm_wait"
     HOST_SYNC = "host_sync"
+    HOST_WAIT = "host_wait"
 
 
 COLLECTIVE_KINDS: dict[object, str] = {
@@ -33,6 +34,8 @@ COLLECTIVE_KINDS: dict[object, str] = {
 }
 WAIT_OPS = {_functional.wait_tensor.default}
 HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
+HOST_WAIT_OPS = {"lancet.host_wait.default"}
+"""Waits for an asynchronous device-to-host copy: the host blocks, the device does not."""
 """Scalar reads; a host sync when they read an accelerator tensor."""
 
 # Ops that only reinterpret or describe a tensor (no kernel of substance).
@@ -91,6 +94,8 @@ def node_role(node: fx.Node) -> Role:
         return Role.COMM_WAIT
     if _is_device_to_host_copy(node) or (node.target in HOST_SYNC_OPS and _reads_device_value(node)):
         return Role.HOST_SYNC
+    if str(node.target) in HOST_WAIT_OPS:
+        return Role.HOST_WAIT
     return Role.COMPUTE
 
 

@@ -27,6 +27,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from lancet.moe.gates import Routing
+from lancet.moe.host_copy import host_wait, to_host
 
 
 def group_size(group: dist.ProcessGroup | None) -> int:
@@ -65,8 +66,9 @@ def plan_dispatch(routing: Routing, num_experts: int, group: dist.ProcessGroup |
         recv_counts_E = funcol.all_to_all_single(counts_E, None, None, group)
     send_W = counts_E.view(world, local_experts).sum(dim=1)
     recv_W = recv_counts_E.view(world, local_experts).sum(dim=1)
-    # One device-to-host copy for all split sizes; the scalar reads are then host-local.
-    splits = torch.cat([send_W, recv_W]).cpu().tolist()
+    # One asynchronous device-to-host copy for all split sizes; the host waits for it just before
+    # reading (a schedule may move the wait later); the scalar reads are then host-local.
+    splits = host_wait(to_host(torch.cat([send_W, recv_W]))).tolist()
     send_splits, recv_splits = splits[:world], splits[world:]
     for size in splits:
         torch._check(size >= 0)
@@ -111,8 +113,8 @@ def group_by_local_expert(recv_counts_WL: Tensor, num_received: int) -> LocalGro
     return LocalGroups(perm_R=perm_R, expert_of_row_R=expert_of_received_R[perm_R], offsets_L=offsets_L)
 
 
-def combine(rows_SM: Tensor, plan: DispatchPlan, num_tokens: int) -> Tensor:
+def combine(rows_SM: Tensor, plan: DispatchPlan, tokens_TM: Tensor) -> Tensor:
     """Weighted sum of each token's returned rows; dropped tokens get zeros."""
     weighted_SM = rows_SM * plan.weight_of_row_S[:, None].to(rows_SM.dtype)
-    out_TM = rows_SM.new_zeros(num_tokens, rows_SM.shape[1])
+    out_TM = torch.zeros_like(tokens_TM, dtype=rows_SM.dtype)
     return out_TM.index_add(0, plan.token_of_row_S, weighted_SM)
