@@ -140,6 +140,16 @@ def fake_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [mode.from_tensor(t, static_shapes=True) for t in tensors]
 
 
+def _trace(fn, inputs: list[torch.Tensor], model: nn.Module) -> fx.GraphModule:
+    """make_fx over static-shape fake inputs, with module annotations and readable failures."""
+    fakes = fake_inputs(inputs)
+    with _module_annotations(model) as module_stack, fx_traceback.preserve_node_meta():
+        try:
+            return make_fx(fn, tracing_mode="symbolic")(*fakes)
+        except Exception as err:
+            raise CaptureError(describe_capture_failure(err, list(module_stack))) from err
+
+
 def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> TrainGraph:
     """Trace ``train_step`` on a batch shaped like ``tokens_BS`` into a TrainGraph.
 
@@ -153,12 +163,7 @@ def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: tor
         result = train_step(list(inputs[:num_params]), inputs[num_params], inputs[num_params + 1])
         return (result.loss, *result.grads, *result.keep)
 
-    inputs = fake_inputs([*params, tokens_BS, targets_BS])
-    with _module_annotations(train_step.model) as module_stack, fx_traceback.preserve_node_meta():
-        try:
-            gm = make_fx(flat_step, tracing_mode="symbolic")(*inputs)
-        except Exception as err:
-            raise CaptureError(describe_capture_failure(err, list(module_stack))) from err
+    gm = _trace(flat_step, [*params, tokens_BS, targets_BS], train_step.model)
     output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
     num_outputs = len(output_node.args[0])
     return TrainGraph(
@@ -168,3 +173,44 @@ def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: tor
         batch_shape=tuple(tokens_BS.shape),
         device=tokens_BS.device,
     )
+
+
+@dataclass(slots=True)
+class ForwardGraph:
+    """The forward of a step: inputs are the parameters, tokens, targets; outputs loss then keep masks.
+
+    Nodes keep the trace's ``val`` (fake tensors) and annotations, which the
+    partition pass reads.
+    """
+
+    gm: fx.GraphModule
+    param_names: list[str]
+    batch_shape: tuple[int, ...]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+
+def capture_forward(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> ForwardGraph:
+    """Trace only the forward and loss of ``train_step`` (autocast applied inside the graph)."""
+    params = train_step.parameters()
+    num_params = len(params)
+
+    def flat_forward(*inputs: torch.Tensor):
+        with fx_traceback.annotate({"phase": "forward"}):
+            loss, keep = train_step.forward_loss(list(inputs[:num_params]), inputs[num_params], inputs[num_params + 1])
+        return (loss, *keep)
+
+    gm = _trace(flat_forward, [*params, tokens_BS, targets_BS], train_step.model)
+    return ForwardGraph(gm=gm, param_names=list(train_step.param_names), batch_shape=tuple(tokens_BS.shape))
+
+
+def capture_step_from_forward(
+    train_step: TrainStep, forward_graph: ForwardGraph, tokens_BS: torch.Tensor, targets_BS: torch.Tensor
+) -> TrainGraph:
+    """The whole step whose forward is ``forward_graph`` (e.g. rewritten by a pass); autograd derives its backward.
+
+    Annotations of the forward graph's nodes carry over to the nodes they become.
+    """
+    return capture_step(train_step.with_forward_graph(forward_graph.gm), tokens_BS, targets_BS)

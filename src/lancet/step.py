@@ -18,13 +18,14 @@ losses -- what one process holding all experts and the global batch computes.
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 import torch.fx.traceback as fx_traceback
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.func import functional_call
 
 from lancet.models.gpt2_moe import lm_loss
@@ -103,6 +104,7 @@ class TrainStep:
         self.dense_indices = [i for i, (name, _) in enumerate(named) if name not in experts]
         sizes = [named[i][1].numel() * named[i][1].element_size() for i in self.dense_indices]
         self.buckets = [[self.dense_indices[j] for j in b] for b in plan_buckets(sizes, bucket_bytes)]
+        self.forward_graph: fx.GraphModule | None = None
 
     def parameters(self) -> list[Tensor]:
         return [p for _, p in self.model.named_parameters()]
@@ -112,14 +114,32 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
-    def __call__(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> StepResult:
+    def forward_loss(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Loss and keep masks. Runs the model, or the forward graph when one is set (``with_forward_graph``)."""
+        if self.forward_graph is not None:
+            outputs = fx.Interpreter(self.forward_graph).run(*params, tokens_BS, targets_BS)
+            return outputs[0], list(outputs[1:])
         state = dict(zip(self.param_names, params))
-        with fx_traceback.annotate({"phase": "forward"}), self._autocast(tokens_BS.device.type):
+        with self._autocast(tokens_BS.device.type):
             out = functional_call(self.model, state, (tokens_BS,))
-            loss = lm_loss(out, targets_BS)
+            return lm_loss(out, targets_BS), out.keep
+
+    def with_forward_graph(self, forward_graph: fx.GraphModule) -> TrainStep:
+        """The same step with its forward replaced by ``forward_graph`` (params, tokens, targets -> loss, *keep).
+
+        Autograd differentiates the graph's ops, so a rewritten forward gets the
+        matching backward.
+        """
+        step = copy.copy(self)
+        step.forward_graph = forward_graph
+        return step
+
+    def __call__(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> StepResult:
+        with fx_traceback.annotate({"phase": "forward"}):
+            loss, keep = self.forward_loss(params, tokens_BS, targets_BS)
             scaled = loss / self.world_size
         with fx_traceback.annotate({"phase": "backward"}):
             grads = list(torch.autograd.grad(scaled, params))
             if self.group is not None and self.world_size > 1:
                 grads = allreduce_buckets(grads, self.buckets, self.group)
-        return StepResult(loss=loss.detach(), grads=grads, keep=out.keep)
+        return StepResult(loss=loss.detach(), grads=grads, keep=keep)

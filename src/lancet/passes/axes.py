@@ -1,18 +1,20 @@
-"""Token-axis inference: for each value in a region, which dim holds the batch/token axis.
+"""Token-axis inference over a forward graph.
 
-An axis is a dim index, ``REPLICATED`` (the value is the same for every part:
-parameters, constants, scalars) or the region cannot be partitioned there.
+For every value: which dim is the token (batch) axis, whether it is the same
+for all tokens (``REPLICATED``: parameters, constants), or a permutation of
+the tokens (``PERMUTED``: the output of a sort along the token axis). Rules
+are per aten op; each reads its node's arguments and the axes of its inputs.
 
-Rules are per aten op. Each takes the node, the axes of its tensor inputs
-(by position in ``node.all_input_nodes`` order is *not* used: rules read
-their arguments directly) and returns the axis of the output, or raises
-``NoRule`` when the op has no rule or mixes tokens in a way no rule covers.
-Ops that mix tokens but have an exact partitioned form (cumsum along tokens,
-sums and means over tokens) are reported as ``Mixing`` so the partition pass
-can apply that form.
+A rule also says whether the op is *part-exact*: run on a contiguous slice of
+the tokens, it yields the matching slice of its whole output. Pointwise ops,
+matmuls, views, layer norm, attention over the batch dim, embedding lookups
+are part-exact. A cumsum along the token axis is exact with a carry from the
+earlier parts (``carry``). Sorts, reductions over the token axis, and anything
+touching a ``PERMUTED`` value are not part-exact: a partition runs them once,
+on the whole tensor. An op with no rule at all raises ``NoRule``.
 
-Token axis sizes must be multiples of ``batch_size`` (one block of rows per
-sample, sample-major), so splitting that dim into parts splits samples.
+Token dims must hold whole samples (sample-major, sizes multiple of the batch
+size), so splitting a token dim into parts splits samples.
 """
 
 from __future__ import annotations
@@ -25,32 +27,43 @@ import torch
 from torch import fx
 
 aten = torch.ops.aten
-REPLICATED = None
-
-
-class NoRule(Exception):
-    """The op has no partition rule, or its inputs' axes conflict."""
 
 
 @dataclass(frozen=True, slots=True)
-class Mixing:
-    """The op combines values across tokens; ``kind`` names its exact partitioned form."""
-
+class Axis:
     kind: str
-    axis: int | None
-    """Axis of the output (None: the output is token-free, e.g. a full reduction)."""
+    """token | permuted | replicated"""
+    dim: int | None = None
 
 
-Axis = int | None | Mixing
+REPLICATED = Axis("replicated")
+
+
+def TOKEN(dim: int) -> Axis:  # noqa: N802 (reads like a constant)
+    return Axis("token", dim)
+
+
+def PERMUTED(dim: int) -> Axis:  # noqa: N802
+    return Axis("permuted", dim)
+
+
+@dataclass(frozen=True, slots=True)
+class Inferred:
+    """What inference found for one node."""
+
+    axis: Axis | tuple[Axis, ...]
+    exact: bool = True
+    """Part-exact: the op on a token slice gives the slice of its output."""
+    carry: bool = False
+    """A cumsum along the token axis: exact given the sum of the earlier parts."""
+
+
+class NoRule(Exception):
+    """The op has no token-axis rule, or its inputs' axes cannot be reconciled."""
 
 
 def _val(arg):
     return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
-
-
-def _ndim(arg) -> int:
-    v = _val(arg)
-    return v.dim() if isinstance(v, torch.Tensor) else 0
 
 
 def _shape(arg) -> tuple:
@@ -58,306 +71,349 @@ def _shape(arg) -> tuple:
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
 
 
-def _norm_dim(dim: int, ndim: int) -> int:
+def _ndim(arg) -> int:
+    return len(_shape(arg))
+
+
+def _norm(dim: int, ndim: int) -> int:
     return dim + ndim if dim < 0 else dim
 
 
-@dataclass
 class Context:
-    axes: dict[fx.Node, Axis]
-    batch_size: int
+    def __init__(self, axes: dict[fx.Node, Inferred], batch_size: int) -> None:
+        self.axes = axes
+        self.batch_size = batch_size
 
-    def axis(self, arg) -> int | None:
+    def axis(self, arg) -> Axis:
         if not isinstance(arg, fx.Node):
             return REPLICATED
-        axis = self.axes.get(arg, REPLICATED)
-        return axis.axis if isinstance(axis, Mixing) else axis
+        found = self.axes.get(arg)
+        if found is None:
+            return REPLICATED
+        if isinstance(found.axis, tuple):
+            raise NoRule(f"{arg.name}: multi-output value used directly")
+        return found.axis
 
 
-Rule = Callable[[fx.Node, Context], Axis]
+Rule = Callable[[fx.Node, Context], Inferred]
 
 
-def _pointwise(node: fx.Node, ctx: Context) -> Axis:
-    out_ndim = _ndim(node)
-    found = REPLICATED
+def _tensor_args(node: fx.Node) -> list:
+    out = []
     for arg in node.args:
-        args = arg if isinstance(arg, (list, tuple)) else [arg]
-        for a in args:
-            axis = ctx.axis(a)
-            if axis is REPLICATED:
-                continue
-            if _shape(a)[axis] == 1:
-                raise NoRule(f"{node.name}: token dim broadcast from size 1")
-            mapped = axis + out_ndim - _ndim(a)
-            if found is not REPLICATED and found != mapped:
-                raise NoRule(f"{node.name}: inputs split on different dims")
-            found = mapped
-    return found
+        out.extend(arg if isinstance(arg, (list, tuple)) else [arg])
+    return [a for a in out if isinstance(a, fx.Node)]
 
 
-def _first_input(node: fx.Node, ctx: Context) -> Axis:
-    return ctx.axis(node.args[0])
+def _inexact_if_permuted(axis: Axis, exact: bool = True) -> Inferred:
+    return Inferred(axis, exact=exact and axis.kind != "permuted")
 
 
-def _reduce_dims(node: fx.Node, ctx: Context, dims, keepdim: bool, mixing_kind: str) -> Axis:
+def _pointwise(node: fx.Node, ctx: Context) -> Inferred:
+    out_ndim = _ndim(node)
+    found: Axis = REPLICATED
+    for arg in _tensor_args(node):
+        axis = ctx.axis(arg)
+        if axis.kind == "replicated":
+            continue
+        mapped = Axis(axis.kind, axis.dim + out_ndim - _ndim(arg))
+        if found.kind != "replicated" and found != mapped:
+            raise NoRule(f"{node.name}: inputs disagree on the token axis")
+        found = mapped
+    if found.kind != "replicated":
+        token_size = _shape(node)[found.dim]
+        for arg in _tensor_args(node):
+            if ctx.axis(arg).kind == "replicated" and _ndim(arg):
+                dim = found.dim - (out_ndim - _ndim(arg))
+                if dim >= 0 and _shape(arg)[dim] == token_size and token_size != 1:
+                    raise NoRule(f"{node.name}: a token-sized operand has no token axis")
+    return _inexact_if_permuted(found)
+
+
+def _like(node: fx.Node, ctx: Context) -> Inferred:
+    return _inexact_if_permuted(ctx.axis(node.args[0]))
+
+
+def _constant(node: fx.Node, ctx: Context) -> Inferred:
+    return Inferred(REPLICATED)
+
+
+def _reduce(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
     ndim = _ndim(node.args[0])
-    dims = list(range(ndim)) if dims is None or dims == [] else [_norm_dim(d, ndim) for d in dims]
-    if axis in dims:
-        if len(dims) < ndim and keepdim:
-            return Mixing(mixing_kind, axis=None)
-        return Mixing(mixing_kind, axis=None)
-    return axis if keepdim else axis - sum(1 for d in dims if d < axis)
-
-
-def _sum(node: fx.Node, ctx: Context) -> Axis:
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-    kind = "mean" if node.target in (aten.mean.dim, aten.mean.default) else "sum"
     if isinstance(dims, int):
         dims = [dims]
-    return _reduce_dims(node, ctx, dims, keepdim, kind)
+    dims = list(range(ndim)) if not dims else [_norm(d, ndim) for d in dims]
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if axis.dim in dims:
+        return Inferred(REPLICATED, exact=False)
+    new_dim = axis.dim if keepdim else axis.dim - sum(1 for d in dims if d < axis.dim)
+    return _inexact_if_permuted(Axis(axis.kind, new_dim))
 
 
-def _along_dim(kind: str) -> Rule:
-    """Ops with a ``dim`` argument that keep the rank (softmax, cumsum, sort, topk, max.dim, ...)."""
+def _along(kind: str) -> Rule:
+    """Ops with a ``dim`` that keep the rank or drop it (softmax, cumsum, sort, topk, max.dim)."""
 
-    def rule(node: fx.Node, ctx: Context) -> Axis:
+    def rule(node: fx.Node, ctx: Context) -> Inferred:
         axis = ctx.axis(node.args[0])
-        if axis is REPLICATED:
-            return REPLICATED
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+        ndim = _ndim(node.args[0])
+        default = -1 if kind != "cumsum" else 0
         if kind == "topk":
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", -1)
-        if _norm_dim(dim, _ndim(node.args[0])) == axis:
-            if kind == "cumsum":
-                return Mixing("cumsum", axis=axis)
-            raise NoRule(f"{node.name}: {kind} along the token dim")
+        else:
+            dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", default)
+        dim = _norm(dim, ndim)
+        outputs = 2 if kind in ("sort", "topk", "max_dim") else 1
+        if axis.kind == "replicated":
+            return Inferred(REPLICATED if outputs == 1 else (REPLICATED,) * outputs)
+        along_token = dim == axis.dim
+        if along_token and axis.kind == "permuted" and kind in ("cumsum", "sort"):
+            return Inferred(axis if kind == "cumsum" else (axis, axis), exact=False)  # whole only
+        if along_token and kind == "cumsum" and axis.kind == "token":
+            return Inferred(axis, carry=True)
+        if along_token and kind == "sort" and axis.kind == "token":
+            return Inferred((PERMUTED(dim), PERMUTED(dim)), exact=False)
+        if along_token:
+            raise NoRule(f"{node.name}: {kind} along the token axis")
         if kind == "max_dim":
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            return axis if keepdim or _norm_dim(dim, _ndim(node.args[0])) > axis else axis - 1
-        return axis
+            keepdim = node.args[2] if len(node.args) > 2 else False
+            out = Axis(axis.kind, axis.dim if keepdim or dim > axis.dim else axis.dim - 1)
+            return Inferred((out, out), exact=axis.kind == "token")
+        if outputs == 2:
+            return Inferred((axis, axis), exact=axis.kind == "token")
+        return _inexact_if_permuted(axis)
 
     return rule
 
 
-def _mm(node: fx.Node, ctx: Context) -> Axis:
-    a, b = node.args[-2], node.args[-1]
-    axis_a, axis_b = ctx.axis(a), ctx.axis(b)
-    if node.target == aten.addmm.default and ctx.axis(node.args[0]) not in (REPLICATED, 0):
-        raise NoRule(f"{node.name}: bias split")
-    if axis_b is REPLICATED:
-        return REPLICATED if axis_a is REPLICATED else (0 if axis_a == 0 else _no(node, "mm contracts the token dim"))
-    if axis_a is REPLICATED and axis_b == 1:
-        return 1
-    raise NoRule(f"{node.name}: mm contracts the token dim")
+def _mm(node: fx.Node, ctx: Context) -> Inferred:
+    a, b = ctx.axis(node.args[-2]), ctx.axis(node.args[-1])
+    if node.target == aten.addmm.default and ctx.axis(node.args[0]).kind != "replicated":
+        raise NoRule(f"{node.name}: split bias")
+    if b.kind == "replicated":
+        if a.kind == "replicated":
+            return Inferred(REPLICATED)
+        if a.dim == 0:
+            return _inexact_if_permuted(a)
+    raise NoRule(f"{node.name}: matmul contracts or splits a weight along the token axis")
 
 
-def _no(node: fx.Node, why: str):
-    raise NoRule(f"{node.name}: {why}")
-
-
-def _bmm(node: fx.Node, ctx: Context) -> Axis:
+def _bmm(node: fx.Node, ctx: Context) -> Inferred:
     a, b = ctx.axis(node.args[0]), ctx.axis(node.args[1])
-    if a == b == 0 or (a == 0 and b is REPLICATED):
-        return 0
-    if a is REPLICATED and b is REPLICATED:
-        return REPLICATED
-    raise NoRule(f"{node.name}: bmm on non-batch dims")
+    if a.kind == "replicated" and b.kind == "replicated":
+        return Inferred(REPLICATED)
+    if a.dim == 0 and (b.kind == "replicated" or b == a):
+        return _inexact_if_permuted(a)
+    raise NoRule(f"{node.name}: bmm over a non-batch token dim")
 
 
-def _reshape(node: fx.Node, ctx: Context) -> Axis:
+def _reshape(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
     in_shape, out_shape = _shape(node.args[0]), _shape(node)
-    lead_in = 1
-    for d in in_shape[:axis]:
-        lead_in *= d
-    if lead_in != 1:
-        raise NoRule(f"{node.name}: token dim is not leading")
-    # Find the first non-unit output dim; it must carry whole samples.
+    if any(d != 1 for d in in_shape[: axis.dim]):
+        raise NoRule(f"{node.name}: reshape of a non-leading token dim")
     for d, size in enumerate(out_shape):
         if size != 1:
             if size % ctx.batch_size == 0:
-                return d
+                return _inexact_if_permuted(Axis(axis.kind, d))
             break
-    raise NoRule(f"{node.name}: reshape breaks the token dim")
+    raise NoRule(f"{node.name}: reshape splits samples")
 
 
-def _transpose(node: fx.Node, ctx: Context) -> Axis:
+def _transpose(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
     ndim = _ndim(node.args[0])
     if node.target == aten.t.default:
-        return 1 - axis if ndim == 2 else axis
-    d0, d1 = (_norm_dim(d, ndim) for d in node.args[1:3])
-    return d1 if axis == d0 else d0 if axis == d1 else axis
+        return _inexact_if_permuted(Axis(axis.kind, 1 - axis.dim if ndim == 2 else axis.dim))
+    d0, d1 = (_norm(d, ndim) for d in node.args[1:3])
+    dim = d1 if axis.dim == d0 else d0 if axis.dim == d1 else axis.dim
+    return _inexact_if_permuted(Axis(axis.kind, dim))
 
 
-def _permute(node: fx.Node, ctx: Context) -> Axis:
+def _permute(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
-    ndim = _ndim(node.args[0])
-    return [_norm_dim(d, ndim) for d in node.args[1]].index(axis)
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
+    order = [_norm(d, _ndim(node.args[0])) for d in node.args[1]]
+    return _inexact_if_permuted(Axis(axis.kind, order.index(axis.dim)))
 
 
-def _unsqueeze(node: fx.Node, ctx: Context) -> Axis:
+def _unsqueeze(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
-    dim = _norm_dim(node.args[1], _ndim(node))
-    return axis + 1 if dim <= axis else axis
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
+    dim = _norm(node.args[1], _ndim(node))
+    return _inexact_if_permuted(Axis(axis.kind, axis.dim + 1 if dim <= axis.dim else axis.dim))
 
 
-def _squeeze(node: fx.Node, ctx: Context) -> Axis:
+def _squeeze(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
-    in_shape = _shape(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else [d for d, s in enumerate(in_shape) if s == 1]
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
+    shape = _shape(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else [d for d, s in enumerate(shape) if s == 1]
     dims = [dims] if isinstance(dims, int) else dims
-    dims = [_norm_dim(d, len(in_shape)) for d in dims if in_shape[_norm_dim(d, len(in_shape))] == 1]
-    return axis - sum(1 for d in dims if d < axis)
+    removed = [_norm(d, len(shape)) for d in dims if shape[_norm(d, len(shape))] == 1]
+    if axis.dim in removed:
+        raise NoRule(f"{node.name}: squeezes the token dim")
+    return _inexact_if_permuted(Axis(axis.kind, axis.dim - sum(1 for d in removed if d < axis.dim)))
 
 
-def _expand(node: fx.Node, ctx: Context) -> Axis:
+def _expand(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
-    if _shape(node.args[0])[axis] == 1:
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
+    if _shape(node.args[0])[axis.dim] == 1:
         raise NoRule(f"{node.name}: expands the token dim")
-    return axis + _ndim(node) - _ndim(node.args[0])
+    return _inexact_if_permuted(Axis(axis.kind, axis.dim + _ndim(node) - _ndim(node.args[0])))
 
 
-def _slice_like(node: fx.Node, ctx: Context) -> Axis:
+def _dim_arg(node: fx.Node, position: int, default: int) -> int:
+    dim = node.args[position] if len(node.args) > position else node.kwargs.get("dim", default)
+    return _norm(dim, _ndim(node.args[0]))
+
+
+def _slice(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, _ndim(node.args[0]))
-    if dim == axis:
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
+    dim = _dim_arg(node, 1, 0)
+    if dim == axis.dim:
+        start = node.args[2] if len(node.args) > 2 else 0
+        end = node.args[3] if len(node.args) > 3 else None
+        size = _shape(node.args[0])[dim]
+        if start in (0, None) and (end is None or (isinstance(end, int) and end >= size)):
+            return _inexact_if_permuted(axis)
         raise NoRule(f"{node.name}: slices the token dim")
     if node.target == aten.select.int:
-        return axis - 1 if dim < axis else axis
-    return axis
+        return _inexact_if_permuted(Axis(axis.kind, axis.dim - 1 if dim < axis.dim else axis.dim))
+    return _inexact_if_permuted(axis)
 
 
-def _split(node: fx.Node, ctx: Context) -> Axis:
+def _split(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
-    dim = _norm_dim(node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0), _ndim(node.args[0]))
-    if dim == axis:
+    count = len(node.meta.get("val", ()))
+    if axis.kind == "replicated":
+        return Inferred((REPLICATED,) * count)
+    if _dim_arg(node, 2, 0) == axis.dim:
         raise NoRule(f"{node.name}: splits the token dim")
-    return axis
+    return Inferred((axis,) * count, exact=axis.kind == "token")
 
 
-def _unbind(node: fx.Node, ctx: Context) -> Axis:
+def _unbind(node: fx.Node, ctx: Context) -> Inferred:
     axis = ctx.axis(node.args[0])
-    if axis is REPLICATED:
-        return REPLICATED
-    dim = _norm_dim(node.args[1] if len(node.args) > 1 else 0, _ndim(node.args[0]))
-    if dim == axis:
+    count = len(node.meta.get("val", ()))
+    if axis.kind == "replicated":
+        return Inferred((REPLICATED,) * count)
+    dim = _dim_arg(node, 1, 0)
+    if dim == axis.dim:
         raise NoRule(f"{node.name}: unbinds the token dim")
-    return axis - 1 if dim < axis else axis
+    out = Axis(axis.kind, axis.dim - 1 if dim < axis.dim else axis.dim)
+    return Inferred((out,) * count, exact=axis.kind == "token")
 
 
-def _cat(node: fx.Node, ctx: Context) -> Axis:
-    tensors = node.args[0]
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-    axes = {ctx.axis(t) for t in tensors}
+def _cat(node: fx.Node, ctx: Context) -> Inferred:
+    axes = {ctx.axis(t) for t in node.args[0]}
     if axes == {REPLICATED}:
-        return REPLICATED
+        return Inferred(REPLICATED)
     if len(axes) != 1:
         raise NoRule(f"{node.name}: cat of split and whole values")
     axis = axes.pop()
-    if _norm_dim(dim, _ndim(node)) == axis:
+    if _norm(node.args[1] if len(node.args) > 1 else 0, _ndim(node)) == axis.dim:
         raise NoRule(f"{node.name}: cat along the token dim")
-    return axis
+    return _inexact_if_permuted(axis)
 
 
-def _getitem(node: fx.Node, ctx: Context) -> Axis:
-    source = node.args[0]
-    axis = ctx.axes.get(source, REPLICATED)
-    if isinstance(axis, tuple):
-        return axis[node.args[1]]
-    return axis.axis if isinstance(axis, Mixing) else axis
+def _getitem(node: fx.Node, ctx: Context) -> Inferred:
+    source = ctx.axes.get(node.args[0])
+    if source is None:
+        return Inferred(REPLICATED)
+    axis = source.axis[node.args[1]] if isinstance(source.axis, tuple) else source.axis
+    return Inferred(axis, exact=source.exact)
 
 
-def _multi_output_first(n_outputs_follow: int) -> Rule:
-    """Ops whose first ``n`` outputs follow input 0's axis (layer norm, SDPA, max.dim)."""
+def _first_follows(outputs_following: int) -> Rule:
+    """Ops whose first outputs follow input 0's axis (layer norm: output, mean, rstd)."""
 
-    def rule(node: fx.Node, ctx: Context) -> Axis:
+    def rule(node: fx.Node, ctx: Context) -> Inferred:
         axis = ctx.axis(node.args[0])
-        for arg in node.args[1:3]:
-            other = ctx.axis(arg)
-            if other not in (REPLICATED, axis) and isinstance(_val(arg), torch.Tensor):
-                raise NoRule(f"{node.name}: inputs split on different dims")
+        for arg in _tensor_args(node)[1:]:
+            if ctx.axis(arg).kind != "replicated":
+                raise NoRule(f"{node.name}: split weight")
         val = node.meta.get("val")
-        count = len(val) if isinstance(val, (tuple, list)) else 1
-        outs = []
-        for i in range(count):
-            out = val[i] if isinstance(val, (tuple, list)) else val
-            outs.append(axis if (i < n_outputs_follow and isinstance(out, torch.Tensor) and out.dim() > 0) else REPLICATED)
-        return tuple(outs) if isinstance(val, (tuple, list)) else outs[0]
+        outs = tuple(axis if i < outputs_following else REPLICATED for i in range(len(val)))
+        return Inferred(outs, exact=axis.kind != "permuted")
 
     return rule
 
 
-def _sdpa(node: fx.Node, ctx: Context) -> Axis:
+def _sdpa(node: fx.Node, ctx: Context) -> Inferred:
     axes = {ctx.axis(a) for a in node.args[:3]}
-    if axes == {REPLICATED}:
-        return REPLICATED
-    if axes != {0}:
-        raise NoRule(f"{node.name}: attention split on a non-batch dim")
     val = node.meta.get("val")
-    return tuple(0 if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[0] == _shape(node.args[0])[0] else REPLICATED for v in val)
-
-
-def _embedding(node: fx.Node, ctx: Context) -> Axis:
-    if ctx.axis(node.args[0]) is not REPLICATED:
-        raise NoRule(f"{node.name}: split embedding table")
-    return ctx.axis(node.args[1])
-
-
-def _index(node: fx.Node, ctx: Context) -> Axis:
-    source, indices = node.args[0], node.args[1]
-    if ctx.axis(source) is not REPLICATED:
-        raise NoRule(f"{node.name}: gathers rows of a split tensor")
-    axes = {ctx.axis(i) for i in indices if i is not None}
     if axes == {REPLICATED}:
-        return REPLICATED
-    if len(axes) == 1 and len(indices) == 1:
-        return axes.pop()
-    raise NoRule(f"{node.name}: advanced indexing with split indices")
+        return Inferred(tuple(REPLICATED for _ in val))
+    if axes != {TOKEN(0)}:
+        raise NoRule(f"{node.name}: attention split on a non-batch dim")
+    batch = _shape(node.args[0])[0]
+    outs = tuple(
+        TOKEN(0) if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch else REPLICATED for v in val
+    )
+    return Inferred(outs)
 
 
-def _index_select(node: fx.Node, ctx: Context) -> Axis:
-    if ctx.axis(node.args[0]) is not REPLICATED:
+def _embedding(node: fx.Node, ctx: Context) -> Inferred:
+    if ctx.axis(node.args[0]).kind != "replicated":
+        raise NoRule(f"{node.name}: split embedding table")
+    return _inexact_if_permuted(ctx.axis(node.args[1]))
+
+
+def _index(node: fx.Node, ctx: Context) -> Inferred:
+    source, indices = ctx.axis(node.args[0]), [i for i in node.args[1] if i is not None]
+    index_axes = {ctx.axis(i) for i in indices}
+    if len(indices) != 1:
+        raise NoRule(f"{node.name}: multi-dim advanced indexing")
+    (index_axis,) = index_axes
+    if source.kind == "replicated":
+        return _inexact_if_permuted(index_axis)
+    if source.kind == "token" and source.dim == 0 and index_axis.kind == "permuted":
+        return Inferred(PERMUTED(0), exact=False)  # tokens gathered in a permuted order
+    raise NoRule(f"{node.name}: gathers tokens by token-dependent indices")
+
+
+def _index_select(node: fx.Node, ctx: Context) -> Inferred:
+    if ctx.axis(node.args[0]).kind != "replicated":
         raise NoRule(f"{node.name}: gathers rows of a split tensor")
-    return ctx.axis(node.args[2])
+    return _inexact_if_permuted(ctx.axis(node.args[2]))
 
 
-def _constant(node: fx.Node, ctx: Context) -> Axis:
-    return REPLICATED
+def _scatter(node: fx.Node, ctx: Context) -> Inferred:
+    """scatter(buffer, dim, permutation, values): values in permuted order put back in token order."""
+    dim = _norm(node.args[1], _ndim(node))
+    index, values = ctx.axis(node.args[2]), ctx.axis(node.args[3])
+    if index == PERMUTED(dim) and values == PERMUTED(dim):
+        return Inferred(TOKEN(dim), exact=False)
+    raise NoRule(f"{node.name}: scatter that is not an inverse permutation")
 
 
-def _like(node: fx.Node, ctx: Context) -> Axis:
-    return ctx.axis(node.args[0])
+def _one_hot(node: fx.Node, ctx: Context) -> Inferred:
+    return _inexact_if_permuted(ctx.axis(node.args[0]))
 
 
-def _one_hot(node: fx.Node, ctx: Context) -> Axis:
-    return ctx.axis(node.args[0])
+def _nll_loss(node: fx.Node, ctx: Context) -> Inferred:
+    if ctx.axis(node.args[0]).kind == "replicated":
+        return Inferred((REPLICATED, REPLICATED))
+    return Inferred((REPLICATED, REPLICATED), exact=False)
 
 
-def _cross_entropy(node: fx.Node, ctx: Context) -> Axis:
-    if ctx.axis(node.args[0]) is REPLICATED:
-        return REPLICATED
-    return (Mixing("sum", axis=None), REPLICATED)
+def _assert(node: fx.Node, ctx: Context) -> Inferred:
+    return Inferred(REPLICATED)
 
 
 POINTWISE = [
@@ -366,20 +422,19 @@ POINTWISE = [
     aten.log.default, aten.sqrt.default, aten.rsqrt.default, aten.pow.Tensor_Scalar, aten.tanh.default,
     aten.relu.default, aten.gelu.default, aten.sigmoid.default, aten.where.self, aten.ge.Scalar, aten.gt.Scalar,
     aten.lt.Scalar, aten.le.Scalar, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ge.Tensor,
-    aten.lt.Tensor, aten.logical_and.default, aten.logical_not.default, aten.bitwise_and.Tensor,
-    aten.clamp.default, aten.clamp_min.default, aten.masked_fill.Scalar, aten.native_dropout.default,
-    aten.threshold_backward.default, aten.gelu_backward.default, aten.floor_divide.default,
-    aten.remainder.Scalar, aten.fill.Scalar,
+    aten.gt.Tensor, aten.lt.Tensor, aten.logical_and.default, aten.logical_not.default,
+    aten.bitwise_and.Tensor, aten.clamp.default, aten.clamp_min.default, aten.masked_fill.Scalar,
+    aten.floor_divide.default, aten.remainder.Scalar,
 ]
 LIKE = [
     aten.clone.default, aten._to_copy.default, aten.detach.default, aten.alias.default,
     aten.ones_like.default, aten.zeros_like.default, aten.empty_like.default, aten.full_like.default,
-    aten.contiguous.default, aten.lift_fresh_copy.default,
+    aten.lift_fresh_copy.default,
 ]
 CONSTANT = [
     aten.arange.default, aten.arange.start, aten.arange.start_step, aten.zeros.default, aten.ones.default,
-    aten.full.default, aten.empty.memory_format, aten.scalar_tensor.default, aten.sym_size.int,
-    aten._local_scalar_dense.default,
+    aten.full.default, aten.empty.memory_format, aten.scalar_tensor.default, aten.new_zeros.default,
+    aten.new_ones.default, aten.new_empty.default, aten.new_full.default,
 ]
 
 RULES: dict[object, Rule] = {op: _pointwise for op in POINTWISE}
@@ -401,27 +456,28 @@ RULES.update(
         aten.squeeze.dims: _squeeze,
         aten.squeeze.default: _squeeze,
         aten.expand.default: _expand,
-        aten.slice.Tensor: _slice_like,
-        aten.select.int: _slice_like,
+        aten.slice.Tensor: _slice,
+        aten.select.int: _slice,
         aten.split.Tensor: _split,
         aten.split_with_sizes.default: _split,
         aten.unbind.int: _unbind,
         aten.cat.default: _cat,
         operator.getitem: _getitem,
-        aten.sum.dim_IntList: _sum,
-        aten.sum.default: _sum,
-        aten.mean.dim: _sum,
-        aten.mean.default: _sum,
-        aten._softmax.default: _along_dim("softmax"),
-        aten._log_softmax.default: _along_dim("log_softmax"),
-        aten.cumsum.default: _along_dim("cumsum"),
-        aten.sort.stable: _along_dim("sort"),
-        aten.sort.default: _along_dim("sort"),
-        aten.argsort.stable: _along_dim("sort"),
-        aten.topk.default: _along_dim("topk"),
-        aten.max.dim: _along_dim("max_dim"),
-        aten.argmax.default: _along_dim("max_dim"),
-        aten.native_layer_norm.default: _multi_output_first(3),
+        aten.sum.dim_IntList: _reduce,
+        aten.sum.default: _reduce,
+        aten.mean.dim: _reduce,
+        aten.mean.default: _reduce,
+        aten.all.default: _reduce,
+        aten.any.default: _reduce,
+        aten.amax.default: _reduce,
+        aten._softmax.default: _along("softmax"),
+        aten._log_softmax.default: _along("log_softmax"),
+        aten.cumsum.default: _along("cumsum"),
+        aten.sort.stable: _along("sort"),
+        aten.sort.default: _along("sort"),
+        aten.topk.default: _along("topk"),
+        aten.max.dim: _along("max_dim"),
+        aten.native_layer_norm.default: _first_follows(3),
         aten._scaled_dot_product_flash_attention_for_cpu.default: _sdpa,
         aten._scaled_dot_product_flash_attention.default: _sdpa,
         aten._scaled_dot_product_efficient_attention.default: _sdpa,
@@ -429,8 +485,12 @@ RULES.update(
         aten.embedding.default: _embedding,
         aten.index.Tensor: _index,
         aten.index_select.default: _index_select,
+        aten.scatter.src: _scatter,
+        aten.scatter_.src: _scatter,
         aten.one_hot.default: _one_hot,
-        aten.nll_loss_forward.default: _cross_entropy,
+        aten.nll_loss_forward.default: _nll_loss,
+        aten._assert_async.msg: _assert,
+        aten._assert_async.default: _assert,
     }
 )
 
@@ -439,26 +499,24 @@ def has_rule(node: fx.Node) -> bool:
     return node.op != "call_function" or node.target in RULES
 
 
-def infer_axes(nodes: list[fx.Node], input_axes: dict[fx.Node, Axis], batch_size: int) -> dict[fx.Node, Axis]:
-    """Propagate axes through ``nodes`` (in graph order) from ``input_axes``; raises NoRule at the first failure."""
-    ctx = Context(axes=dict(input_axes), batch_size=batch_size)
-    for node in nodes:
-        if node in ctx.axes or node.op != "call_function":
-            continue
-        rule = RULES.get(node.target)
-        if rule is None:
-            raise NoRule(f"{node.name}: no partition rule for {node.target}")
-        ctx.axes[node] = rule(node, ctx)
-    return ctx.axes
+def infer(node: fx.Node, ctx: Context) -> Inferred:
+    """Apply ``node``'s rule; raises NoRule."""
+    rule = RULES.get(node.target)
+    if rule is None:
+        raise NoRule(f"{node.name}: no rule for {node.target}")
+    return rule(node, ctx)
 
 
 def unsupported_ops(graph: fx.Graph) -> list[str]:
-    """Forward-phase ops of ``graph`` that have no partition rule (sorted, unique)."""
+    """Forward-phase ops outside the MoE dispatch stage that have no token-axis rule (sorted, unique)."""
     missing = set()
     for node in graph.nodes:
         if node.op != "call_function" or node.target in RULES:
             continue
-        if node.meta.get("custom", {}).get("phase") != "forward":
+        custom = node.meta.get("custom", {})
+        if custom.get("phase") != "forward" or custom.get("moe_stage") == "dispatch":
             continue
+        if not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            continue  # Python scalar arithmetic on sizes
         missing.add(str(node.target))
     return sorted(missing)
