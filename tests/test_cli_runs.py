@@ -29,9 +29,10 @@ def test_profile_optimize_bench_pipeline(tmp_path):
     lancet("profile", *model, "--out", "profile.json", "--passes", "1", "--reps", "2", cwd=tmp_path)
     lancet("profile-comm", "--nproc", "2", "--out", "comm.json", "--max-bytes", "65536", "--reps", "2", cwd=tmp_path)
     lancet("optimize", "--profile", "profile.json", "--comm", "comm.json", "--out", "plan.json", cwd=tmp_path)
-    lancet("bench", *model, "--variants", "eager,captured,lancet-dw", "--plan", "plan.json", "--steps", "2",
+    variants = ["eager", "captured", "lancet-dw", "lancet-part", "lancet", "tutel-d2"]
+    lancet("bench", *model, "--variants", ",".join(variants), "--plan", "plan.json", "--steps", "2",
            "--warmup", "1", "--profile-steps", "1", "--json", "bench.json", cwd=tmp_path)
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
-    assert [r["variant"] for r in results] == ["eager", "captured", "lancet-dw"]
+    assert [r["variant"] for r in results] == variants
     assert all(r["step_ms"] > 0 and r["trace"]["steps"] == 1 for r in results)
-    assert results[2]["predicted"]["makespan_ms"] > 0
+    assert all(r["predicted"]["makespan_ms"] > 0 for r in results[:5])

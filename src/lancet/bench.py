@@ -25,9 +25,16 @@ from lancet.config import RunConfig
 from lancet.dist import apply_network_env, init_runtime, shutdown_runtime
 from lancet.step import StepResult
 
-PLAN_VARIANTS = ("lancet-dw",)
+PLAN_VARIANTS = ("lancet-dw", "lancet-part", "lancet")
 BASE_VARIANTS = ("eager", "captured")
-VARIANTS = BASE_VARIANTS + PLAN_VARIANTS
+TUTEL_PREFIX = "tutel-d"
+"""``tutel-dN``: only each MoE layer's all-to-alls and experts pipelined, N parts (N=1: captured)."""
+
+
+def is_known_variant(name: str) -> bool:
+    if name in BASE_VARIANTS or name in PLAN_VARIANTS:
+        return True
+    return name.startswith(TUTEL_PREFIX) and name[len(TUTEL_PREFIX):].isdigit() and int(name[len(TUTEL_PREFIX):]) >= 1
 
 
 @dataclass(kw_only=True, slots=True)
@@ -41,13 +48,15 @@ class BenchOptions:
     trace_dir: str | None = None
 
     def validate(self) -> None:
-        unknown = [v for v in self.variants if v not in VARIANTS]
+        unknown = [v for v in self.variants if not is_known_variant(v)]
         if unknown:
-            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+            known = ", ".join((*BASE_VARIANTS, *PLAN_VARIANTS, "tutel-dN"))
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {known}")
         if not self.variants:
             raise ValueError("give at least one variant")
-        if any(v in PLAN_VARIANTS for v in self.variants) and self.plan is None:
-            raise ValueError("variant lancet-dw needs --plan (from `lancet optimize`)")
+        needing = [v for v in self.variants if v in PLAN_VARIANTS]
+        if needing and self.plan is None:
+            raise ValueError(f"variant(s) {', '.join(needing)} need --plan (from `lancet optimize`)")
         if self.plan is not None and not Path(self.plan).exists():
             raise FileNotFoundError(f"plan file {self.plan!r} does not exist")
         if self.steps < 1 or self.warmup < 0 or self.profile_steps < 0:
@@ -80,17 +89,36 @@ def _runner(variant: str, session, plan) -> tuple[Callable[[list, torch.Tensor, 
     moe_layers = sum(1 for i in range(session.model_cfg.num_layers) if session.model_cfg.is_moe_block(i))
     if variant == "eager":
         return session.train_step, 3 * moe_layers  # counts exchange, dispatch, combine per layer
-    from lancet.capture import capture_step
     from lancet.graph.analysis import analyze
     from lancet.runtime import CapturedStep
 
-    train_graph = capture_step(session.train_step, *session.batch(0))
-    if variant == "lancet-dw":
-        from lancet.plan import apply_plan
+    batch = session.batch(0)
+    if variant in PLAN_VARIANTS:
+        from lancet.plan import build_step_graph
 
-        apply_plan(train_graph, plan)
+        train_graph = build_step_graph(session.train_step, *batch, plan, variant)
+    elif variant.startswith(TUTEL_PREFIX):
+        train_graph = tutel_graph(session.train_step, *batch, int(variant[len(TUTEL_PREFIX):]))
+    else:
+        from lancet.capture import capture_step
+
+        train_graph = capture_step(session.train_step, *batch)
     forward_a2a = len(analyze(train_graph).collectives_of("all_to_all", "forward"))
     return CapturedStep(train_graph), forward_a2a
+
+
+def tutel_graph(train_step, tokens: torch.Tensor, targets: torch.Tensor, parts: int):
+    """The step with each MoE layer's dispatch stage (all-to-alls and experts) pipelined in ``parts`` parts."""
+    from lancet.capture import capture_forward, capture_step, capture_step_from_forward
+    from lancet.passes.partition import PartitionDecisions, Region, partition_pass
+    from lancet.passes.select_partition import dispatch_ranges
+
+    if parts == 1:
+        return capture_step(train_step, tokens, targets)
+    forward = capture_forward(train_step, tokens, targets)
+    regions = [Region(start, end, parts) for start, end in dispatch_ranges(forward.graph)]
+    partitioned = partition_pass(forward, PartitionDecisions(regions), tokens.shape[0])
+    return capture_step_from_forward(train_step, partitioned, tokens, targets)
 
 
 def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
@@ -161,7 +189,10 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
         results = [_run_variant(v, run, session, plan, opts, initial) for v in opts.variants]
         if plan is not None:
             for r in results:
-                r.predicted = plan.predicted["after"] if r.variant in PLAN_VARIANTS else plan.predicted["before"]
+                if r.variant in PLAN_VARIANTS:
+                    r.predicted = plan.variant(r.variant).predicted
+                elif r.variant in BASE_VARIANTS:
+                    r.predicted = plan.predicted
         rows = [r.to_json() for r in results]
         if runtime.is_main:
             print_table(rows, run, Console(width=160))

@@ -81,7 +81,9 @@ def checked(run: RunConfig) -> RunConfig:
 def cmd_train(args: argparse.Namespace) -> int:
     from lancet.train import train_worker
 
-    run = checked(run_config(args, mode=args.mode, plan=args.plan, metrics_jsonl=args.metrics_jsonl))
+    run = checked(
+        run_config(args, mode=args.mode, plan=args.plan, plan_variant=args.plan_variant, metrics_jsonl=args.metrics_jsonl)
+    )
     launch(train_worker, (run,), run.nproc)
     return 0
 
@@ -124,10 +126,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from lancet.optimize import optimize, print_prediction
 
     try:
+        if args.max_partitions < 2:
+            raise UsageError("--max-partitions must be >= 2")
         result = optimize(
             args.profile,
             args.comm,
             schedule_dw=not args.no_dw,
+            partition=not args.no_partition,
+            max_partitions=args.max_partitions,
             memory_cap_bytes=args.memory_cap,
             trace_dir=args.trace_dir,
         )
@@ -179,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_args(train)
     train.add_argument("--mode", default="eager", choices=("eager", "captured"))
     train.add_argument("--plan", default=None, help="plan from `lancet optimize` (captured mode)")
+    train.add_argument("--plan-variant", default="lancet", choices=("lancet", "lancet-dw", "lancet-part"))
     train.add_argument("--metrics-jsonl", default=None, help="write per-step metrics here (rank 0)")
     train.set_defaults(func=cmd_train)
 
@@ -206,13 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--comm", required=True)
     opt.add_argument("--out", required=True, help="plan JSON to write")
     opt.add_argument("--no-dw", action="store_true", help="skip dW scheduling (all-reduce placement only)")
+    opt.add_argument("--no-partition", action="store_true", help="skip the forward partition search")
+    opt.add_argument("--max-partitions", type=int, default=8, help="largest number of parts to try")
     opt.add_argument("--memory-cap", type=int, default=None, help="max extra bytes held alive by dW deferral")
     opt.add_argument("--trace-dir", default=None, help="write predicted Chrome traces here")
     opt.set_defaults(func=cmd_optimize)
 
     bench = sub.add_parser("bench", help="run step variants side by side and compare step time and overlap")
     add_run_args(bench)
-    bench.add_argument("--variants", default="eager,captured", help="comma list of eager, captured, lancet-dw")
+    bench.add_argument(
+        "--variants",
+        default="eager,captured",
+        help="comma list of eager, captured, lancet-dw, lancet-part, lancet, tutel-dN (N parts)",
+    )
     bench.add_argument("--plan", default=None, help="plan for the lancet-* variants")
     bench.add_argument("--warmup", type=int, default=5)
     bench.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (0: no trace)")

@@ -62,6 +62,8 @@ class RunConfig:
     """eager: run the step function op by op; captured: run the traced whole-step graph."""
     plan: str | None = None
     """Plan file (from ``lancet optimize``) to apply to the captured graph."""
+    plan_variant: str = "lancet"
+    """Which variant of the plan to run (lancet, lancet-dw, lancet-part)."""
     network: str | None = None
     metrics_jsonl: str | None = None
     nproc: int | None = None

@@ -2,7 +2,10 @@
 
 The step graph is captured again on this machine with a fake process group of
 the profile's world size (no communication happens while tracing), checked to
-be the graph that was profiled, and handed to the passes.
+be the graph that was profiled, and handed to the passes. The plan holds three
+variants: ``lancet-dw`` (order passes on the captured step), ``lancet-part``
+(the partitions the range search chose) and ``lancet`` (partitions, then the
+order passes; or ``lancet-dw`` when that is predicted faster).
 """
 
 from __future__ import annotations
@@ -15,16 +18,21 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
+from tqdm import tqdm
 
 from lancet.artifact import ArtifactMismatch, identity_from_json, read_artifact
-from lancet.capture import TrainGraph, capture_step
+from lancet.capture import capture_forward, capture_step, capture_step_from_forward
 from lancet.config import ModelSpec
 from lancet.cost.comm import CommProfile
+from lancet.cost.estimate import DerivedCostModel, expected_rows, source_targets
 from lancet.cost.model import ProfiledCostModel
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
 from lancet.data import BatchSource
 from lancet.models import build_model
-from lancet.plan import Plan, make_plan
+from lancet.passes.partition import partition_pass
+from lancet.passes.select_partition import select_partitions
+from lancet.plan import Plan, VariantPlan, apply_order_decisions, choose_order
+from lancet.sim import Timeline, simulate
 from lancet.step import TrainStep
 from lancet.train import AUTOCAST
 
@@ -33,6 +41,7 @@ from lancet.train import AUTOCAST
 class OptimizeResult:
     plan: Plan
     unpriced: list[str]
+    timelines: dict[str, Timeline]
 
 
 @contextlib.contextmanager
@@ -49,30 +58,21 @@ def fake_process_group(world_size: int):
         dist.destroy_process_group()
 
 
-def capture_for_profile(document: dict) -> TrainGraph:
-    """Capture the step graph the profile was made from (rank 0's view), with a fake group."""
+def step_for_profile(document: dict) -> tuple[TrainStep, torch.Tensor, torch.Tensor]:
+    """The step (rank 0's view, fake group) and a batch for the run the profile was made for."""
     identity = identity_from_json(document["identity"])
-    spec = ModelSpec(**document["spec"])
-    cfg = spec.model_config()
+    cfg = ModelSpec(**document["spec"]).model_config()
     device = torch.device("cuda", 0) if identity.device.startswith("cuda") else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactMismatch(f"the profile was made on {identity.device}; optimize it on a machine with that GPU")
     group = dist.group.WORLD
-    model = build_model(cfg, group, device=device)
-    step = TrainStep(model, group, autocast_dtype=AUTOCAST[identity.dtype])
+    step = TrainStep(build_model(cfg, group, device=device), group, autocast_dtype=AUTOCAST[identity.dtype])
     source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
     tokens, targets = (t.to(device) for t in source.batch(0, 0))
-    return capture_step(step, tokens, targets)
+    return step, tokens, targets
 
 
-def optimize(
-    profile_path: str,
-    comm_path: str,
-    *,
-    schedule_dw: bool = True,
-    memory_cap_bytes: int | None = None,
-    trace_dir: str | None = None,
-) -> OptimizeResult:
+def _load(profile_path: str, comm_path: str):
     profile_doc = read_artifact(profile_path, "profile")
     comm_doc = read_artifact(comm_path, "comm")
     profile_identity = identity_from_json(profile_doc["identity"])
@@ -84,59 +84,130 @@ def optimize(
     ]
     if differences:
         raise ArtifactMismatch(f"{comm_path} was measured for a different run:\n  " + "\n  ".join(differences))
+    return profile_doc, profile_identity, comm_identity, CommProfile.from_json(comm_doc["comm"])
+
+
+def optimize(
+    profile_path: str,
+    comm_path: str,
+    *,
+    schedule_dw: bool = True,
+    partition: bool = True,
+    max_partitions: int = 8,
+    memory_cap_bytes: int | None = None,
+    trace_dir: str | None = None,
+    progress: bool = True,
+) -> OptimizeResult:
+    profile_doc, profile_identity, comm_identity, comm = _load(profile_path, comm_path)
     profile = ComputeProfile.from_json(profile_doc["profile"])
-    cost_model = ProfiledCostModel(
-        profile=profile,
-        comm=CommProfile.from_json(comm_doc["comm"]),
-        model_host=profile_identity.device.startswith("cuda"),
-    )
+    model_host = profile_identity.device.startswith("cuda")
+    measured = ProfiledCostModel(profile=profile, comm=comm, model_host=model_host)
+    identity = replace(profile_identity, network=comm_identity.network)
+    timelines: dict[str, Timeline] = {}
     with fake_process_group(profile_identity.world_size):
-        train_graph = capture_for_profile(profile_doc)
-        fingerprint = graph_fingerprint(train_graph.graph)
+        step, tokens, targets = step_for_profile(profile_doc)
+        captured = capture_step(step, tokens, targets)
+        fingerprint = graph_fingerprint(captured.graph)
         if fingerprint != profile.fingerprint:
             raise ArtifactMismatch(
                 f"the graph captured here ({fingerprint}) is not the profiled graph ({profile.fingerprint}); "
                 "optimize with the same lancet and torch on the same kind of device"
             )
-        costs = cost_model.costs(train_graph.graph)
-        identity = replace(profile_identity, network=comm_identity.network)
-        plan, before, after = make_plan(
-            train_graph, costs, identity, schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes
+        derived = DerivedCostModel(
+            profile=profile,
+            comm=comm,
+            source_targets=source_targets(captured.graph),
+            unbacked_rows=expected_rows(profile, captured.graph),
+            model_host=model_host,
         )
+        timelines["captured"] = simulate(captured.graph, measured.costs(captured.graph))
+        plan = Plan(
+            identity=identity,
+            fingerprint=fingerprint,
+            predicted=timelines["captured"].summary(),
+            options={"dw": schedule_dw, "partition": partition, "max_partitions": max_partitions,
+                     "memory_cap_bytes": memory_cap_bytes},
+        )
+        order, _ = choose_order(captured, measured.costs(captured.graph), schedule_dw=schedule_dw,
+                                memory_cap_bytes=memory_cap_bytes)
+        plan.variants["lancet-dw"] = VariantPlan(
+            dw=order.dw, allreduce=order.allreduce, step_fingerprint=fingerprint,
+            predicted=order.timeline.summary(), chosen=order.name,
+        )
+        timelines["lancet-dw"] = order.timeline
+        _partition_variants(plan, step, tokens, targets, derived, timelines, partition, schedule_dw,
+                            max_partitions, memory_cap_bytes, progress, captured_order=order)
     if trace_dir is not None:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        before.write_chrome_trace(str(Path(trace_dir) / "predicted_captured.json"))
-        after.write_chrome_trace(str(Path(trace_dir) / "predicted_plan.json"))
-    return OptimizeResult(plan=plan, unpriced=list(cost_model.unpriced))
+        for name, timeline in timelines.items():
+            timeline.write_chrome_trace(str(Path(trace_dir) / f"predicted_{name}.json"))
+    return OptimizeResult(plan=plan, unpriced=list(measured.unpriced), timelines=timelines)
+
+
+def _partition_variants(
+    plan: Plan, step, tokens, targets, derived: DerivedCostModel, timelines: dict, partition: bool,
+    schedule_dw: bool, max_partitions: int, memory_cap_bytes, progress: bool, captured_order,
+) -> None:
+    """Fill ``lancet-part`` and ``lancet``: the range search, then the order passes on the partitioned step."""
+    forward = capture_forward(step, tokens, targets)
+    plan.forward_fingerprint = graph_fingerprint(forward.graph)
+    fallback = plan.variants["lancet-dw"]
+    unpartitioned = VariantPlan(step_fingerprint=plan.fingerprint, predicted=plan.predicted, chosen="none")
+    if not partition:
+        plan.variants["lancet-part"], plan.variants["lancet"] = unpartitioned, fallback
+        return
+    bar = tqdm(desc="range search", disable=not progress, unit="candidate")
+    selection = select_partitions(forward, derived.costs, tokens.shape[0], max_parts=max_partitions,
+                                  progress=lambda: bar.update(1))
+    bar.close()
+    plan.selection = selection.to_json()
+    if not selection.decisions.regions:
+        plan.variants["lancet-part"], plan.variants["lancet"] = unpartitioned, fallback
+        return
+    partitioned_forward = partition_pass(forward, selection.decisions, tokens.shape[0])
+    graph = capture_step_from_forward(step, partitioned_forward, tokens, targets)
+    step_fingerprint = graph_fingerprint(graph.graph)
+    costs = derived.costs(graph.graph)
+    timelines["lancet-part"] = simulate(graph.graph, costs)
+    plan.variants["lancet-part"] = VariantPlan(
+        partition=selection.decisions, step_fingerprint=step_fingerprint,
+        predicted=timelines["lancet-part"].summary(), chosen="partition",
+    )
+    order, _ = choose_order(graph, costs, schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes)
+    full = VariantPlan(
+        partition=selection.decisions, dw=order.dw, allreduce=order.allreduce, step_fingerprint=step_fingerprint,
+        predicted=order.timeline.summary(), chosen=f"partition+{order.name}",
+    )
+    # Compare with the unpartitioned plan under the same (derived) pricing.
+    reference = capture_step(step, tokens, targets)
+    apply_order_decisions(reference, captured_order.dw, captured_order.allreduce)
+    unpartitioned_ms = simulate(reference.graph, derived.costs(reference.graph)).makespan_ms
+    if order.timeline.makespan_ms < unpartitioned_ms:
+        plan.variants["lancet"], timelines["lancet"] = full, order.timeline
+    else:
+        plan.variants["lancet"] = fallback
 
 
 def print_prediction(result: OptimizeResult, console: Console) -> None:
+    plan = result.plan
     table = Table(title="predicted step (simulator)")
-    for column in ("order", "step ms", "compute ms", "comm ms", "exposed comm ms", "exposed a2a ms", "peak live MB"):
+    for column in ("variant", "decisions", "step ms", "compute ms", "comm ms", "exposed comm ms", "exposed a2a ms"):
         table.add_column(column, justify="right")
-    for label, key in (("captured", "before"), ("plan", "after")):
-        p = result.plan.predicted[key]
+    rows = [("captured", "", plan.predicted)] + [(name, v.chosen, v.predicted) for name, v in plan.variants.items()]
+    for name, chosen, p in rows:
         table.add_row(
-            label,
-            f"{p['makespan_ms']:.2f}",
-            f"{p['compute_ms']:.2f}",
-            f"{p['comm_ms']:.2f}",
-            f"{p['exposed_comm_ms']:.2f}",
-            f"{p['exposed_a2a_ms']:.2f}",
-            f"{p['peak_live_bytes'] / 1e6:.1f}",
+            name, chosen, f"{p['makespan_ms']:.2f}", f"{p['compute_ms']:.2f}", f"{p['comm_ms']:.2f}",
+            f"{p['exposed_comm_ms']:.2f}", f"{p['exposed_a2a_ms']:.2f}",
         )
     console.print(table)
-    chosen = result.plan.options.get("chosen")
-    candidates = result.plan.predicted.get("candidates", {})
-    console.print(
-        "candidates (predicted step ms): "
-        + ", ".join(f"{name} {p['makespan_ms']:.2f}" for name, p in candidates.items())
-        + f"; chosen: {chosen}"
-    )
-    if result.plan.dw is not None:
-        console.print(f"dW nodes moved into all-to-all windows: {result.plan.dw.num_moved}")
-    if result.plan.allreduce is not None:
-        placed = sum(len(v) for v in result.plan.allreduce.after.values())
-        console.print(f"all-reduce buckets issued between all-to-alls: {placed}")
+    lancet = plan.variants["lancet"]
+    if lancet.partition is not None:
+        regions = ", ".join(f"{r.start}..{r.end} x{r.parts}" for r in lancet.partition.regions)
+        console.print(f"partitioned ranges: {regions}")
+    dw = plan.variants["lancet-dw"].dw
+    if dw is not None:
+        console.print(f"lancet-dw: dW nodes moved into all-to-all windows: {dw.num_moved}")
     if result.unpriced:
         console.print(f"[yellow]nodes without a measured cost (priced 0): {len(result.unpriced)}")
+
+

@@ -33,12 +33,10 @@ class CapturedStep:
         )
 
 
-def captured_runner(session, plan_path: str | None = None) -> CapturedStep:
-    """Capture the session's step on its first batch and return the executor (plan applied if given)."""
-    tokens, targets = session.batch(0)
-    train_graph = capture_step(session.train_step, tokens, targets)
+def captured_runner(session, plan_path: str | None = None, variant: str = "lancet") -> CapturedStep:
+    """Capture the session's step on its first batch and return the executor (``variant`` of a plan if given)."""
     if plan_path is not None:
-        from lancet.plan import apply_plan_file
+        from lancet.plan import plan_runner_graph
 
-        train_graph = apply_plan_file(train_graph, plan_path, session)
-    return CapturedStep(train_graph)
+        return CapturedStep(plan_runner_graph(session, plan_path, variant))
+    return CapturedStep(capture_step(session.train_step, *session.batch(0)))

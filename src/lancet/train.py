@@ -72,7 +72,7 @@ def make_runner(run: RunConfig, session: Session):
         return session.train_step
     from lancet.runtime import captured_runner
 
-    return captured_runner(session, plan_path=run.plan)
+    return captured_runner(session, plan_path=run.plan, variant=run.plan_variant)
 
 
 def global_mean(value: torch.Tensor, group: dist.ProcessGroup) -> float:

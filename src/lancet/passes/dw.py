@@ -119,14 +119,20 @@ class _DwScheduler:
                 return None
             group.add(n)
             for producer in n.all_input_nodes:
-                if producer in self.windows and producer not in self.assigned and self.pos[producer] > anchor:
-                    todo.append(producer)
+                if self.pos[producer] <= anchor or producer in self.assigned:
+                    continue
+                if producer not in self.windows:
+                    return None  # e.g. the wait of a collective issued after this window (parallel parts)
+                todo.append(producer)
             for consumer in n.users:
                 moved_to = self.assigned.get(consumer)
                 if moved_to is not None and self.order_of_a2a[moved_to] < self.order_of_a2a[a2a]:
                     return None
-                if consumer in self.windows and consumer not in self.assigned and self.pos[consumer] < anchor:
-                    todo.append(consumer)
+                if moved_to is not None or self.pos[consumer] > anchor:
+                    continue
+                if consumer not in self.windows:
+                    return None  # e.g. a collective issued before this window reads it
+                todo.append(consumer)
         return sorted(group, key=self.pos.__getitem__)
 
     def held_bytes(self, group: list[fx.Node], a2a: Collective) -> list[tuple[int, int, int]]:
