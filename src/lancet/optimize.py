@@ -168,22 +168,31 @@ def _partition_variants(
     graph = capture_step_from_forward(step, partitioned_forward, tokens, targets)
     step_fingerprint = graph_fingerprint(graph.graph)
     costs = derived.costs(graph.graph)
-    timelines["lancet-part"] = simulate(graph.graph, costs)
-    plan.variants["lancet-part"] = VariantPlan(
-        partition=selection.decisions, step_fingerprint=step_fingerprint,
-        predicted=timelines["lancet-part"].summary(), chosen="partition",
-    )
+    partitioned = simulate(graph.graph, costs)
     order, _ = choose_order(graph, costs, schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes)
-    full = VariantPlan(
-        partition=selection.decisions, dw=order.dw, allreduce=order.allreduce, step_fingerprint=step_fingerprint,
-        predicted=order.timeline.summary(), chosen=f"partition+{order.name}",
-    )
-    # Compare with the unpartitioned plan under the same (derived) pricing.
+    # Whole steps compared under the same (derived) pricing: the forward-only search may overrate a partition.
     reference = capture_step(step, tokens, targets)
+    captured_ms = simulate(reference.graph, derived.costs(reference.graph)).makespan_ms
     apply_order_decisions(reference, captured_order.dw, captured_order.allreduce)
-    unpartitioned_ms = simulate(reference.graph, derived.costs(reference.graph)).makespan_ms
-    if order.timeline.makespan_ms < unpartitioned_ms:
-        plan.variants["lancet"], timelines["lancet"] = full, order.timeline
+    ordered_ms = simulate(reference.graph, derived.costs(reference.graph)).makespan_ms
+    plan.selection["whole_step_ms"] = {
+        "captured": captured_ms, "lancet-dw": ordered_ms,
+        "lancet-part": partitioned.makespan_ms, "partition+order": order.timeline.makespan_ms,
+    }
+    if partitioned.makespan_ms < captured_ms:
+        plan.variants["lancet-part"] = VariantPlan(
+            partition=selection.decisions, step_fingerprint=step_fingerprint,
+            predicted=partitioned.summary(), chosen="partition",
+        )
+        timelines["lancet-part"] = partitioned
+    else:
+        plan.variants["lancet-part"] = unpartitioned
+    if order.timeline.makespan_ms < ordered_ms:
+        plan.variants["lancet"] = VariantPlan(
+            partition=selection.decisions, dw=order.dw, allreduce=order.allreduce, step_fingerprint=step_fingerprint,
+            predicted=order.timeline.summary(), chosen=f"partition+{order.name}",
+        )
+        timelines["lancet"] = order.timeline
     else:
         plan.variants["lancet"] = fallback
 
