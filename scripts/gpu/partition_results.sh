@@ -9,7 +9,7 @@ PART=${1:-1}
 M=${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}
 G=${GATE:-switch}
 R=/tmp/results_$PART; mkdir -p $R
-VARIANTS=eager,captured,tutel-d2,tutel-d4,tutel-d8,lancet-dw,lancet-part,lancet
+VARIANTS=${VARIANTS:-eager,captured,tutel-d2,tutel-d4,tutel-d8,lancet-dw,lancet-part,lancet}
 step() { echo "### $(date +%T) $*"; "$@" > >(tee -a $R/log.txt | grep -v "USDT\|Warning\|warn" | tail -${TAIL:-25}) 2>&1; }
 bench() {
     local net=$1
@@ -32,7 +32,7 @@ if [ "$PART" = 1 ]; then
     bench nvlink
 else
     P=.results
-    for NET in ib100 ib400; do bench $NET; done
+    for NET in ${NETS:-ib100 ib400}; do bench $NET; done
 fi
 tar -czf $OUT/results_$PART.tar.gz -C /tmp results_$PART
 ls -la $OUT

@@ -4,15 +4,19 @@ Contract
 --------
 - Order-only over the given nodes (a topologically valid order of them is
   returned); nodes carry ``meta["custom"]["part"]`` (None for whole nodes).
-- Stage-major interleaving: a node's stage counts the waits (collective waits
-  and host waits) on its way from the region's inputs; nodes are issued by
-  (stage, part, original position). So part k's all-to-all is issued before
-  part k+1's compute of the same stage, and the host waits for part k's split
-  sizes only after every part's earlier-stage work has been issued.
+- Stage-major interleaving: a node's stage counts the waits on its way from
+  the region's inputs that separate pipeline stages: host waits for split
+  sizes and waits of irregular (token-carrying) all-to-alls. The wait of the
+  small fixed-size counts exchange is not a stage boundary, so a part's split
+  sizes start their copy to the host before the next part's compute is
+  issued. Nodes are issued by (stage, part, original position): part k's
+  all-to-all is issued before part k+1's compute of the same stage, and the
+  host waits for part k's split sizes only after every part's earlier-stage
+  work has been issued, so the device keeps working while the host waits.
 
 Pseudo-code
 -----------
-    stage(n) = max(stage(inputs)) + (1 if n is a wait else 0)
+    stage(n) = max(stage(inputs)) + (1 if n is a host wait or the wait of a token all-to-all else 0)
     list-schedule the nodes, always taking the ready node with the smallest (stage, part, position)
 
     compute |p0 attn+gate|p1 attn+gate|p0 experts|p1 experts|...
@@ -25,9 +29,14 @@ import heapq
 
 from torch import fx
 
-from lancet.graph.roles import Role, node_role
+from lancet.graph.roles import Role, is_irregular_all_to_all, node_role
 
-_WAITS = (Role.COMM_WAIT, Role.HOST_WAIT)
+
+def _is_stage_boundary(node: fx.Node) -> bool:
+    role = node_role(node)
+    if role == Role.HOST_WAIT:
+        return True
+    return role == Role.COMM_WAIT and any(is_irregular_all_to_all(p) for p in node.all_input_nodes)
 
 
 def _stages(nodes: list[fx.Node]) -> dict[fx.Node, int]:
@@ -35,7 +44,7 @@ def _stages(nodes: list[fx.Node]) -> dict[fx.Node, int]:
     stage: dict[fx.Node, int] = {}
     for node in nodes:
         base = max((stage[p] for p in node.all_input_nodes if p in members), default=0)
-        stage[node] = base + (1 if node_role(node) in _WAITS else 0)
+        stage[node] = base + (1 if _is_stage_boundary(node) else 0)
     return stage
 
 
