@@ -24,7 +24,7 @@ from lancet.artifact import ArtifactMismatch, identity_from_json, read_artifact
 from lancet.capture import capture_forward, capture_step, capture_step_from_forward
 from lancet.config import ModelSpec
 from lancet.cost.comm import CommProfile
-from lancet.cost.estimate import DerivedCostModel, expected_rows, source_targets
+from lancet.cost.estimate import DerivedCostModel, expected_rows
 from lancet.cost.model import ProfiledCostModel
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
 from lancet.data import BatchSource
@@ -116,8 +116,8 @@ def optimize(
         derived = DerivedCostModel(
             profile=profile,
             comm=comm,
-            source_targets=source_targets(captured.graph),
-            unbacked_rows=expected_rows(profile, captured.graph),
+            source_graph=captured.graph,
+            rows_per_size=expected_rows(profile, captured.graph),
             model_host=model_host,
         )
         timelines["captured"] = simulate(captured.graph, measured.costs(captured.graph))

@@ -8,17 +8,21 @@ derives for them. This model prices them without running anything:
   original's time divided by its number of parts, but never less than the
   fastest kernel of that op (small kernels do not get faster when split);
   a whole copy costs the original's time; host issue time is the original's;
-- any other node costs bytes out times the op's measured ms-per-byte (median
-  over the profiled nodes of that op), at least that op's fastest kernel;
+- any other node costs its work times the op's measured rate: floating-point
+  operations for matrix products and attention, bytes read and written for
+  everything else; the rate is the median over the profiled nodes of that op
+  (priced the same way), and the op's fastest profiled kernel is the floor;
 - collectives are priced on the comm curves from their output bytes.
 
-Output sizes come from the node's fake value; data-dependent row counts
-(all-to-all sizes) are taken as the profiled average split over the parts.
+Sizes come from the nodes' fake values. A data-dependent size (rows behind one
+all-to-all split) is taken as the profiled average, divided by the number of
+parts of the partition that made it.
 """
 
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,48 +34,102 @@ from lancet.cost.profile import ComputeProfile, is_timed
 from lancet.graph.roles import Role, collective_kind, is_view, node_role
 
 
+class Sizes:
+    """Numbers of elements of fake values, with data-dependent sizes replaced by expectations."""
+
+    def __init__(self, graph: fx.Graph, rows_per_size: float) -> None:
+        self.rows_per_size = rows_per_size
+        self.parts_of: dict[object, int] = {}
+        for node in graph.nodes:
+            value = node.meta.get("val")
+            if isinstance(value, torch.SymInt):
+                parts = node.meta.get("custom", {}).get("parts") or 1
+                for symbol in value.node.expr.free_symbols:
+                    self.parts_of[symbol] = parts
+
+    def dim(self, size) -> float:
+        if isinstance(size, int):
+            return float(size)
+        expr = getattr(getattr(size, "node", None), "expr", None)
+        if expr is None:
+            return self.rows_per_size
+        return sum(self.rows_per_size / self.parts_of.get(s, 1) for s in expr.free_symbols) or float(expr)
+
+    def numel(self, value) -> float:
+        if not isinstance(value, torch.Tensor):
+            return 0.0
+        n = 1.0
+        for size in value.shape:
+            n *= self.dim(size)
+        return n
+
+    def nbytes(self, value) -> float:
+        values = value if isinstance(value, (tuple, list)) else [value]
+        return sum(self.numel(v) * v.element_size() for v in values if isinstance(v, torch.Tensor))
+
+
+def _val(arg):
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else None
+
+
+def _matmul_flops(node: fx.Node, sizes: Sizes) -> float | None:
+    """Floating-point operations of matrix products and attention (None for other ops)."""
+    target = str(node.target)
+    args = [_val(a) for a in node.args]
+    shape = lambda t: [sizes.dim(s) for s in t.shape]  # noqa: E731
+    if target in ("aten.mm.default", "aten.addmm.default"):
+        a, b = args[-2], args[-1]
+        (m, k), (_, n) = shape(a), shape(b)
+        return 2 * m * k * n
+    if target == "aten.bmm.default":
+        (batch, m, k), (_, _, n) = shape(args[0]), shape(args[1])
+        return 2 * batch * m * k * n
+    if target == "lancet.grouped_mm.default":
+        (rows, k), (_, _, n) = shape(args[0]), shape(args[1])
+        return 2 * rows * k * n
+    if target == "lancet.grouped_mm_dw.default":
+        (rows, k), (_, n) = shape(args[0]), shape(args[1])
+        return 2 * rows * k * n
+    if "scaled_dot_product" in target:
+        q, k = args[0], args[1]
+        if q is None or k is None or q.dim() != 4:
+            return None
+        batch, heads, sq, d = shape(q)
+        sk = shape(k)[2] if k.dim() == 4 else sq
+        return 4 * batch * heads * sq * sk * d * (2.5 if "backward" in target else 1.0)
+    return None
+
+
+def _bytes_moved(node: fx.Node, sizes: Sizes) -> float:
+    inputs = sum(sizes.nbytes(_val(a)) for a in node.all_input_nodes if isinstance(_val(a), torch.Tensor))
+    return inputs + sizes.nbytes(node.meta.get("val"))
+
+
+def work(node: fx.Node, sizes: Sizes) -> float:
+    """FLOPs for matrix products and attention, bytes moved otherwise."""
+    flops = _matmul_flops(node, sizes)
+    return flops if flops is not None else _bytes_moved(node, sizes)
+
+
 @dataclass(slots=True)
-class _OpScale:
-    ms_per_byte: float
+class _Rate:
+    ms_per_unit: float
     floor_ms: float
 
 
-def _fit(profile: ComputeProfile, targets: dict[str, str]) -> tuple[dict[str, _OpScale], _OpScale]:
-    samples: dict[str, list[tuple[int, float]]] = {}
-    for name, ms in profile.node_ms.items():
-        nbytes = profile.out_bytes.get(name, 0)
-        if name in targets and nbytes > 0:
-            samples.setdefault(targets[name], []).append((nbytes, ms))
-    scales = {
-        target: _OpScale(statistics.median(ms / b for b, ms in pts), min(ms for _, ms in pts))
-        for target, pts in samples.items()
-    }
-    everything = [pt for pts in samples.values() for pt in pts] or [(1, 0.0)]
-    default = _OpScale(statistics.median(ms / b for b, ms in everything), min(ms for _, ms in everything))
-    return scales, default
-
-
-def _dim(size, unbacked_rows: float) -> float:
-    if isinstance(size, int):
-        return float(size)
-    symbols = getattr(getattr(size, "node", None), "expr", None)
-    count = len(symbols.free_symbols) if symbols is not None else 1
-    return count * unbacked_rows  # a sum of data-dependent split sizes
-
-
-def _numel(value, unbacked_rows: float) -> float:
-    if not isinstance(value, torch.Tensor):
-        return 0.0
-    numel = 1.0
-    for size in value.shape:
-        numel *= _dim(size, unbacked_rows)
-    return numel
-
-
-def _out_bytes(node: fx.Node, unbacked_rows: float) -> float:
-    value = node.meta.get("val")
-    values = value if isinstance(value, (tuple, list)) else [value]
-    return sum(_numel(v, unbacked_rows) * v.element_size() for v in values if isinstance(v, torch.Tensor))
+def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[str, _Rate], _Rate]:
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for node in graph.nodes:
+        ms = profile.node_ms.get(node.name)
+        if ms is None or node.op != "call_function":
+            continue
+        units = work(node, sizes)
+        if units > 0:
+            samples.setdefault(str(node.target), []).append((units, ms))
+    rates = {op: _Rate(statistics.median(ms / u for u, ms in pts), min(ms for _, ms in pts)) for op, pts in samples.items()}
+    everything = [pt for pts in samples.values() for pt in pts] or [(1.0, 0.0)]
+    default = _Rate(statistics.median(ms / u for u, ms in everything), min(ms for _, ms in everything))
+    return rates, default
 
 
 @dataclass(slots=True)
@@ -80,30 +138,29 @@ class DerivedCostModel:
 
     profile: ComputeProfile
     comm: CommProfile
-    source_targets: dict[str, str]
-    """Source graph node name -> op (str of its target)."""
-    unbacked_rows: float
+    source_graph: fx.Graph
+    rows_per_size: float
     """Expected rows behind one data-dependent size of the unpartitioned graph."""
     model_host: bool = True
-    _scales: dict[str, _OpScale] = field(default_factory=dict)
-    _default: _OpScale | None = None
+    _rates: dict[str, _Rate] = field(default_factory=dict)
+    _default: _Rate | None = None
+    _targets: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self._scales, self._default = _fit(self.profile, self.source_targets)
+        self._rates, self._default = _fit(self.profile, self.source_graph, Sizes(self.source_graph, self.rows_per_size))
+        self._targets = {n.name: str(n.target) for n in self.source_graph.nodes if n.op == "call_function"}
 
-    def _scale(self, target: str) -> _OpScale:
-        return self._scales.get(target, self._default)
-
-    def _compute_ms(self, node: fx.Node, parts: int) -> float:
+    def _compute_ms(self, node: fx.Node, sizes: Sizes) -> float:
         custom = node.meta.get("custom", {})
-        origin, part = custom.get("origin", node.name), custom.get("part")
-        scale = self._scale(str(node.target))
-        if origin in self.profile.node_ms and self.source_targets.get(origin) == str(node.target):
+        origin, part, parts = custom.get("origin", node.name), custom.get("part"), custom.get("parts") or 1
+        rate = self._rates.get(str(node.target), self._default)
+        if origin in self.profile.node_ms and self._targets.get(origin) == str(node.target):
             base = self.profile.node_ms[origin]
-            return base if part is None else max(base / parts, scale.floor_ms)
-        return max(_out_bytes(node, self.unbacked_rows / parts) * scale.ms_per_byte, scale.floor_ms)
+            return base if part is None else max(base / parts, rate.floor_ms)
+        return max(work(node, sizes) * rate.ms_per_unit, rate.floor_ms)
 
     def costs(self, graph: fx.Graph) -> NodeCosts:
+        sizes = Sizes(graph, self.rows_per_size)
         out = NodeCosts(contention=self.comm.contention, comm_contention=self.comm.comm_contention)
         host = self.profile.host_ms if self.model_host else {}
         if host:
@@ -112,42 +169,34 @@ class DerivedCostModel:
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
-            custom = node.meta.get("custom", {})
-            parts = custom.get("parts") or 1
-            origin = custom.get("origin", node.name)
-            role = node_role(node)
-            nbytes = _out_bytes(node, self.unbacked_rows / parts)
+            origin = node.meta.get("custom", {}).get("origin", node.name)
+            nbytes = sizes.nbytes(node.meta.get("val"))
             out.out_bytes[node.name] = int(nbytes)
             if host and origin in host:
                 out.host_ms[node.name] = host[origin]
-            if role == Role.COMM_START:
+            if node_role(node) == Role.COMM_START:
                 out.comm_ms[node.name] = self.comm.ms(collective_kind(node), nbytes)
             elif is_timed(node) and not is_view(node):
-                out.compute_ms[node.name] = self._compute_ms(node, parts)
+                out.compute_ms[node.name] = self._compute_ms(node, sizes)
         return out
 
-
-def source_targets(graph: fx.Graph) -> dict[str, str]:
-    return {n.name: str(n.target) for n in graph.nodes if n.op == "call_function"}
+    @property
+    def price(self) -> Callable[[fx.Graph], NodeCosts]:
+        return self.costs
 
 
 def expected_rows(profile: ComputeProfile, graph: fx.Graph) -> float:
     """Average rows one data-dependent size stands for: all-to-all rows over the number of split sizes."""
-    rows, sizes = [], 0
+    rows = []
     for node in graph.nodes:
-        if node_role(node) == Role.COMM_START and collective_kind(node) == "all_to_all":
-            splits = [s for s in list(node.args[1] or []) if isinstance(s, fx.Node)]
-            if not splits:
-                continue
-            value = node.meta.get("val")
-            row_bytes = value.element_size() * max(1, _numel_static_tail(value))
-            rows.append(profile.comm_bytes.get(node.name, 0) / row_bytes / len(splits))
-            sizes += 1
+        if node_role(node) != Role.COMM_START or collective_kind(node) != "all_to_all":
+            continue
+        splits = [s for s in list(node.args[1] or []) if isinstance(s, fx.Node)]
+        value = node.meta.get("val")
+        if not splits or not isinstance(value, torch.Tensor):
+            continue
+        row_bytes = value.element_size()
+        for size in value.shape[1:]:
+            row_bytes *= int(size)
+        rows.append(profile.comm_bytes.get(node.name, 0) / row_bytes / len(splits))
     return statistics.median(rows) if rows else 1.0
-
-
-def _numel_static_tail(value) -> int:
-    n = 1
-    for size in value.shape[1:]:
-        n *= int(size)
-    return n
