@@ -150,9 +150,23 @@ class DerivedCostModel:
         self._rates, self._default = _fit(self.profile, self.source_graph, Sizes(self.source_graph, self.rows_per_size))
         self._targets = {n.name: str(n.target) for n in self.source_graph.nodes if n.op == "call_function"}
 
-    def _compute_ms(self, node: fx.Node, sizes: Sizes) -> float:
+    @staticmethod
+    def _origin(node: fx.Node, partitioned: bool) -> str | None:
+        """The profiled node this one stands for: its recorded origin, or (unless new) itself by name.
+
+        In a step graph captured from a partitioned forward, backward nodes are new even where their
+        names coincide with profiled ones; forward nodes outside the partitions keep their names.
+        """
         custom = node.meta.get("custom", {})
-        origin, part, parts = custom.get("origin", node.name), custom.get("part"), custom.get("parts") or 1
+        if "origin" in custom:
+            return custom["origin"]
+        if partitioned and custom.get("phase") != "forward":
+            return None
+        return node.name
+
+    def _compute_ms(self, node: fx.Node, sizes: Sizes, partitioned: bool) -> float:
+        custom = node.meta.get("custom", {})
+        origin, part, parts = self._origin(node, partitioned), custom.get("part"), custom.get("parts") or 1
         rate = self._rates.get(str(node.target), self._default)
         if origin in self.profile.node_ms and self._targets.get(origin) == str(node.target):
             base = self.profile.node_ms[origin]
@@ -166,10 +180,11 @@ class DerivedCostModel:
         if host:
             out.default_host_ms = statistics.median(host.values())
             out.collective_host_ms = self.comm.issue_ms
+        partitioned = any("parts" in n.meta.get("custom", {}) for n in graph.nodes)
         for node in graph.nodes:
             if node.op != "call_function":
                 continue
-            origin = node.meta.get("custom", {}).get("origin", node.name)
+            origin = self._origin(node, partitioned)
             nbytes = sizes.nbytes(node.meta.get("val"))
             out.out_bytes[node.name] = int(nbytes)
             if host and origin in host:
@@ -177,7 +192,7 @@ class DerivedCostModel:
             if node_role(node) == Role.COMM_START:
                 out.comm_ms[node.name] = self.comm.ms(collective_kind(node), nbytes)
             elif is_timed(node) and not is_view(node):
-                out.compute_ms[node.name] = self._compute_ms(node, sizes)
+                out.compute_ms[node.name] = self._compute_ms(node, sizes, partitioned)
         return out
 
     @property
