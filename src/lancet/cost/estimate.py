@@ -72,6 +72,10 @@ def _val(arg):
     return arg.meta.get("val") if isinstance(arg, fx.Node) else None
 
 
+_FLOP_OPS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "lancet.grouped_mm.default",
+             "lancet.grouped_mm_dw.default"}
+
+
 def _matmul_flops(node: fx.Node, sizes: Sizes) -> float | None:
     """Floating-point operations of matrix products and attention (None for other ops)."""
     target = str(node.target)
@@ -127,8 +131,11 @@ def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[s
         if units > 0:
             samples.setdefault(str(node.target), []).append((units, ms))
     rates = {op: _Rate(statistics.median(ms / u for u, ms in pts), min(ms for _, ms in pts)) for op, pts in samples.items()}
-    everything = [pt for pts in samples.values() for pt in pts] or [(1.0, 0.0)]
-    default = _Rate(statistics.median(ms / u for u, ms in everything), min(ms for _, ms in everything))
+    # Ops the profile never saw are priced by bytes moved at the bandwidth the large memory-bound ops reached.
+    memory = sorted(pt for op, pts in samples.items() if op not in _FLOP_OPS and "scaled_dot" not in op for pt in pts)
+    large = memory[len(memory) // 2 :] or [(1.0, 0.0)]
+    floor = min((ms for _, ms in memory), default=0.0)
+    default = _Rate(sum(ms for _, ms in large) / max(sum(u for u, _ in large), 1.0), floor)
     return rates, default
 
 

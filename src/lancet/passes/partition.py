@@ -236,7 +236,7 @@ class _Rewriter:
         self.members = set(region.nodes)
         self.parts: list[dict[fx.Node, fx.Node]] = [{} for _ in range(self.n)]
         self.whole: dict[fx.Node, fx.Node] = {}
-        self.slices: dict[tuple[fx.Node, int], fx.Node] = {}
+        self.slices: dict[fx.Node, list[fx.Node]] = {}
         self.created: list[fx.Node] = []
 
     def _new(self, target, args, kwargs=None, *, part: int | None, origin: str) -> fx.Node:
@@ -258,14 +258,14 @@ class _Rewriter:
         axis = _axis_of(self.axes, value)
         if mode == HOISTED or axis == REPLICATED or axis.kind != "token":
             return source
-        key = (value, k)
-        if key not in self.slices:
-            size = _token_size(value, axis)
-            step = size // self.n
-            self.slices[key] = self._new(
-                aten.slice.Tensor, (source, axis.dim, k * step, (k + 1) * step), part=k, origin=value.name
-            )
-        return self.slices[key]
+        if value not in self.slices:
+            # One split (its backward is a cat) rather than n slices (each backward zero-fills a whole tensor).
+            step = _token_size(value, axis) // self.n
+            pieces = self._new(aten.split.Tensor, (source, step, axis.dim), part=None, origin=value.name)
+            self.slices[value] = [
+                self._new(operator.getitem, (pieces, i), part=i, origin=value.name) for i in range(self.n)
+            ]
+        return self.slices[value][k]
 
     def whole_value(self, value):
         if not isinstance(value, fx.Node):
