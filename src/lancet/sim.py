@@ -28,6 +28,7 @@ from torch import fx
 
 from lancet.cost.model import NodeCosts
 from lancet.graph.roles import Role, is_view, node_role
+from lancet.intervals import subtract, total_length
 
 
 @dataclass(slots=True)
@@ -106,28 +107,6 @@ def _stretch(start: float, work: float, comm: list[tuple[float, float]], factor:
     return t
 
 
-def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    merged: list[tuple[float, float]] = []
-    for start, end in sorted(intervals):
-        if end <= start:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def _uncovered(a: list[tuple[float, float]], b: list[tuple[float, float]]) -> float:
-    """Length of the union of ``a`` not covered by the union of ``b``."""
-    total = 0.0
-    b = _union(b)
-    for start, end in _union(a):
-        covered = sum(max(0.0, min(end, e) - max(start, s)) for s, e in b if s < end and e > start)
-        total += (end - start) - covered
-    return total
-
-
 def _window_compute(graph: fx.Graph, costs: NodeCosts) -> dict[fx.Node, float]:
     """For each collective start, the compute cost issued between it and its wait (what runs beside it)."""
     open_windows: dict[fx.Node, float] = {}
@@ -202,10 +181,10 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
         else:
             ready[node] = 0.0 if role == Role.INPUT else compute_free
     timeline.makespan_ms = max(compute_free, comm_free, host)
-    timeline.compute_ms = sum(e - s for s, e in _union(compute_ivs))
-    timeline.comm_ms = sum(e - s for s, e in _union(comm_busy))
-    timeline.exposed_comm_ms = _uncovered(comm_busy, compute_ivs)
-    timeline.exposed_a2a_ms = _uncovered(a2a_ivs, compute_ivs)
+    timeline.compute_ms = total_length(compute_ivs)
+    timeline.comm_ms = total_length(comm_busy)
+    timeline.exposed_comm_ms = total_length(subtract(comm_busy, compute_ivs))
+    timeline.exposed_a2a_ms = total_length(subtract(a2a_ivs, compute_ivs))
     timeline.peak_live_bytes = peak_live_bytes(graph, costs.out_bytes)
     return timeline
 
