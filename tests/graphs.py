@@ -44,7 +44,7 @@ class GraphBuilder:
     def finish(self, *outputs: fx.Node) -> TrainGraph:
         self.graph.output(tuple(outputs))
         gm = fx.GraphModule(torch.nn.Module(), self.graph)
-        return TrainGraph(gm=gm, param_names=[], num_moe_layers=0, batch_shape=(), device=torch.device("cpu"))
+        return TrainGraph(gm=gm, param_names=[], batch_shape=(), device=torch.device("cpu"))
 
 
 def two_layer_backward() -> TrainGraph:

@@ -47,7 +47,6 @@ class TrainGraph:
 
     gm: fx.GraphModule
     param_names: list[str]
-    num_moe_layers: int
     batch_shape: tuple[int, ...]
     device: torch.device
 
@@ -164,12 +163,9 @@ def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: tor
         return (result.loss, *result.grads, *result.keep)
 
     gm = _trace(flat_step, [*params, tokens_BS, targets_BS], train_step.model)
-    output_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    num_outputs = len(output_node.args[0])
     return TrainGraph(
         gm=gm,
         param_names=list(train_step.param_names),
-        num_moe_layers=num_outputs - 1 - num_params,
         batch_shape=tuple(tokens_BS.shape),
         device=tokens_BS.device,
     )

@@ -22,7 +22,6 @@ from lancet.graph.roles import (
     Role,
     collective_kind,
     is_irregular_all_to_all,
-    is_view,
     node_role,
     wait_of,
 )
@@ -182,7 +181,3 @@ def analyze(train_graph: TrainGraph) -> GraphAnalysis:
     analysis.dw_overlap = _dw_overlap(graph, reach, roles, phase, collectives)
     return analysis
 
-
-def is_substantial(node: fx.Node) -> bool:
-    """A compute node that launches real work (not a view or size query)."""
-    return node.op == "call_function" and not is_view(node)

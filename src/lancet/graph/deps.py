@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 
 from torch import fx
 
@@ -24,21 +23,6 @@ class Reachability:
     def is_ancestor(self, a: fx.Node, b: fx.Node) -> bool:
         """True if ``b`` (transitively) consumes ``a``."""
         return bool(self._ancestors[self.index[b]] >> self.index[a] & 1)
-
-    def ordered(self, a: fx.Node, b: fx.Node) -> bool:
-        return a is b or self.is_ancestor(a, b) or self.is_ancestor(b, a)
-
-    def ancestors(self, node: fx.Node) -> list[fx.Node]:
-        bits = self._ancestors[self.index[node]]
-        return [n for i, n in enumerate(self.nodes) if bits >> i & 1]
-
-    def ancestor_mask(self, nodes: Iterable[fx.Node]) -> int:
-        """Bitset of the nodes themselves and all their ancestors."""
-        mask = 0
-        for node in nodes:
-            i = self.index[node]
-            mask |= self._ancestors[i] | (1 << i)
-        return mask
 
     def descendants_mask(self, node: fx.Node) -> int:
         """Bitset of the nodes that (transitively) consume ``node``."""

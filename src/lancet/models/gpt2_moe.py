@@ -8,7 +8,7 @@ to the token embedding, as in GPT-2.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -64,9 +64,6 @@ class GPT2MoEConfig:
             raise ValueError(
                 f"top-{self.gate.experts_per_token} routing is larger than the number of experts ({experts})"
             )
-
-    def with_gate(self, gate: GateConfig) -> GPT2MoEConfig:
-        return replace(self, gate=gate)
 
     def is_moe_block(self, index: int) -> bool:
         return index % self.moe_every == 0

@@ -495,10 +495,6 @@ RULES.update(
 )
 
 
-def has_rule(node: fx.Node) -> bool:
-    return node.op != "call_function" or node.target in RULES
-
-
 def infer(node: fx.Node, ctx: Context) -> Inferred:
     """Apply ``node``'s rule; raises NoRule."""
     rule = RULES.get(node.target)

@@ -90,7 +90,6 @@ class _DwScheduler:
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         self.windows = analysis.dw_overlap
         self.assigned: dict[fx.Node, Collective] = {}
-        self.window_of_start: dict[fx.Node, int] = {}
         self.order_of_a2a: dict[Collective, int] = {}
         self.held = _HeldBytes()
         self.placements: dict[Collective, list[fx.Node]] = {}
