@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from lancet.cost.clock import Clock
+
 DEFAULT_SIZES = [2**k for k in range(12, 29)]  # 4 KiB .. 256 MiB
 KINDS = ("all_to_all", "all_reduce")
 
@@ -83,24 +85,6 @@ class CommProfile:
         )
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], object], int], float]:
-    def time_ms(fn: Callable[[], object], reps: int) -> float:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / reps
-        begin = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - begin) * 1e3 / reps
-
-    return time_ms
-
-
 def _collective(kind: str, nbytes: int, group: dist.ProcessGroup, device: torch.device) -> Callable[[], object]:
     world = dist.get_world_size(group)
     numel = max(world, nbytes // 2 // world * world)  # bf16 elements, divisible by the world size
@@ -136,7 +120,7 @@ def sweep(
     progress: Callable[[], None] | None = None,
 ) -> dict[str, PiecewiseLinear]:
     """Median-of-ranks time of each collective at each size (bytes per rank)."""
-    time_ms = _timer(device)
+    time_ms = Clock(device).device_ms
     curves: dict[str, list[tuple[float, float]]] = {k: [] for k in KINDS}
     for kind in KINDS:
         for nbytes in sizes:
@@ -161,7 +145,7 @@ def measure_contention(group: dist.ProcessGroup, device: torch.device, reps: int
     """
     if device.type != "cuda":
         return 1.0, 1.0
-    time_ms = _timer(device)
+    time_ms = Clock(device).device_ms
     a = torch.randn(4096, 4096, device=device, dtype=torch.bfloat16)
     matmuls = lambda: [a @ a for _ in range(8)]  # noqa: E731
     matmuls()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import fx
 
+from lancet.cost.clock import Clock
 from lancet.graph.roles import Role, collective_kind, is_view, node_role
 from lancet.graph.shapes import output_bytes
 
@@ -54,43 +54,12 @@ def is_timed(node: fx.Node) -> bool:
     return node_role(node) in (Role.COMPUTE, Role.HOST_SYNC) and not is_view(node) and "assert" not in str(node.target)
 
 
-class _Clock:
-    """Times ``reps`` back-to-back calls; GPU time via CUDA events, else host time."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def time_ms(self, fn: Callable[[], object], reps: int) -> tuple[float, float]:
-        """(device ms, host ms) per call: kernel time, and the host's time to issue one call."""
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            begin = time.perf_counter()
-            for _ in range(reps):
-                fn()
-            host = (time.perf_counter() - begin) * 1e3 / reps
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / reps, host
-        begin = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        host = (time.perf_counter() - begin) * 1e3 / reps
-        return host, host
-
-    def host_ms(self, fn: Callable[[], object], reps: int) -> float:
-        begin = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - begin) * 1e3 / reps
-
-
 class NodeTimer(fx.Interpreter):
     """Executes a graph once, timing every compute node on its real inputs."""
 
     def __init__(self, gm: fx.GraphModule, device: torch.device, reps: int, warmup: int) -> None:
         super().__init__(gm, garbage_collect_values=True)
-        self.clock = _Clock(device)
+        self.clock = Clock(device)
         self.reps = reps
         self.warmup = warmup
         self.node_ms: dict[str, float] = {}
