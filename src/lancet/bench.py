@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lancet.config import RunConfig
-from lancet.dist import apply_network_env, init_runtime, shutdown_runtime
+from lancet.dist import rank_runtime
 from lancet.step import StepResult
 
 PLAN_VARIANTS = ("lancet-dw", "lancet-part", "lancet")
@@ -179,10 +179,7 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
     from lancet.plan import load_plan
     from lancet.train import build_session
 
-    if run.network is not None:
-        apply_network_env(run.network)
-    runtime = init_runtime()
-    try:
+    with rank_runtime(run.network) as runtime:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]
@@ -200,8 +197,6 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
                 with open(opts.json_path, "w") as f:
                     json.dump({"run": run.to_dict(), "world_size": runtime.world_size, "results": rows}, f, indent=1)
         return rows
-    finally:
-        shutdown_runtime()
 
 
 def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:

@@ -6,9 +6,10 @@ Commands run under ``torchrun`` (RANK/WORLD_SIZE in the environment) or launch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,18 @@ def shutdown_runtime() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def rank_runtime(network: str | None) -> Iterator[Runtime]:
+    """The body of every rank job: network regime set before NCCL starts, group up, torn down at the end."""
+    if network is not None:
+        apply_network_env(network)
+    runtime = init_runtime()
+    try:
+        yield runtime
+    finally:
+        shutdown_runtime()
 
 
 def launch(entrypoint: Callable[..., Any], args: tuple, nproc: int | None) -> Any:

@@ -6,7 +6,7 @@ from rich.console import Console
 
 from lancet.capture import capture_step
 from lancet.config import RunConfig
-from lancet.dist import init_runtime, shutdown_runtime
+from lancet.dist import rank_runtime
 from lancet.graph.analysis import analyze
 from lancet.graph.shapes import record_shapes
 from lancet.inspect_graph import print_summary, summarize, write_json
@@ -14,8 +14,7 @@ from lancet.train import build_session
 
 
 def inspect_worker(run: RunConfig, json_path: str | None) -> dict:
-    runtime = init_runtime()
-    try:
+    with rank_runtime(run.network) as runtime:
         session = build_session(run, runtime)
         tokens, targets = session.batch(0)
         train_graph = capture_step(session.train_step, tokens, targets)
@@ -27,5 +26,3 @@ def inspect_worker(run: RunConfig, json_path: str | None) -> dict:
             if json_path:
                 write_json(summary, json_path)
         return summary
-    finally:
-        shutdown_runtime()

@@ -12,17 +12,14 @@ from lancet.capture import capture_step
 from lancet.config import RunConfig
 from lancet.cost.comm import DEFAULT_SIZES, KINDS, CommProfile, measure_contention, measure_issue_ms, sweep
 from lancet.cost.profile import profile_graph
-from lancet.dist import apply_network_env, init_runtime, shutdown_runtime
+from lancet.dist import rank_runtime
 
 
 def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int) -> dict:
     """Capture the step, time every compute node over ``passes`` batches, write the agreed profile (rank 0)."""
     from lancet.train import build_session
 
-    if run.network is not None:
-        apply_network_env(run.network)
-    runtime = init_runtime()
-    try:
+    with rank_runtime(run.network) as runtime:
         session = build_session(run, runtime)
         tokens, targets = session.batch(0)
         train_graph = capture_step(session.train_step, tokens, targets)
@@ -41,16 +38,11 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int) -> dic
                 f"sum {total:.2f} ms per step -> {out_path}"
             )
         return payload
-    finally:
-        shutdown_runtime()
 
 
 def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: int) -> dict:
     """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
-    if run.network is not None:
-        apply_network_env(run.network)
-    runtime = init_runtime()
-    try:
+    with rank_runtime(run.network) as runtime:
         bar = tqdm(total=len(sizes) * len(KINDS), desc="comm sweep", disable=not runtime.is_main)
         curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.update(1))
         bar.close()
@@ -71,8 +63,6 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
                 f"x{comm.contention:.3f}, comm slowdown under compute x{comm.comm_contention:.3f} -> {out_path}"
             )
         return payload
-    finally:
-        shutdown_runtime()
 
 
 __all__ = ["DEFAULT_SIZES", "profile_comm_worker", "profile_worker"]

@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lancet.artifact import RunIdentity
 from lancet.config import RunConfig
 from lancet.data import make_batch_source
-from lancet.dist import Runtime, apply_network_env, init_runtime, shutdown_runtime
+from lancet.dist import Runtime, rank_runtime
 from lancet.models import GPT2MoEConfig, build_model
 from lancet.step import StepResult, TrainStep
 
@@ -94,13 +94,8 @@ def _progress(console: Console) -> Progress:
 
 def train_worker(run: RunConfig) -> list[dict]:
     """Entry point of one rank; returns the per-step records (on every rank)."""
-    if run.network is not None:
-        apply_network_env(run.network)
-    runtime = init_runtime()
-    try:
+    with rank_runtime(run.network) as runtime:
         return _train(run, runtime)
-    finally:
-        shutdown_runtime()
 
 
 def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
