@@ -31,7 +31,7 @@ from lancet.data import BatchSource
 from lancet.models import build_model
 from lancet.passes.partition import partition_pass
 from lancet.passes.select_partition import select_partitions
-from lancet.plan import Plan, VariantPlan, apply_order_decisions, choose_order
+from lancet.plan import Plan, VariantPlan, choose_order
 from lancet.sim import Timeline, simulate
 from lancet.step import TrainStep
 from lancet.train import AUTOCAST
@@ -120,7 +120,15 @@ def optimize(
             rows_per_size=expected_rows(profile, captured.graph),
             model_host=model_host,
         )
-        timelines["captured"] = simulate(captured.graph, measured.costs(captured.graph))
+        # The partitioned step is priced by the derived model, so the unpartitioned orders it competes
+        # with are priced that way too (before and after the order passes, on the same graph).
+        derived_ms = lambda: simulate(captured.graph, derived.costs(captured.graph)).makespan_ms  # noqa: E731
+        unpartitioned_ms = {"captured": derived_ms()} if partition else {}
+        order, timelines["captured"] = choose_order(
+            captured, measured.costs(captured.graph), schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes
+        )
+        if partition:
+            unpartitioned_ms["lancet-dw"] = derived_ms()
         plan = Plan(
             identity=identity,
             fingerprint=fingerprint,
@@ -128,15 +136,13 @@ def optimize(
             options={"dw": schedule_dw, "partition": partition, "max_partitions": max_partitions,
                      "memory_cap_bytes": memory_cap_bytes},
         )
-        order, _ = choose_order(captured, measured.costs(captured.graph), schedule_dw=schedule_dw,
-                                memory_cap_bytes=memory_cap_bytes)
         plan.variants["lancet-dw"] = VariantPlan(
             dw=order.dw, allreduce=order.allreduce, step_fingerprint=fingerprint,
             predicted=order.timeline.summary(), chosen=order.name,
         )
         timelines["lancet-dw"] = order.timeline
         _partition_variants(plan, step, tokens, targets, derived, timelines, partition, schedule_dw,
-                            max_partitions, memory_cap_bytes, progress, captured_order=order)
+                            max_partitions, memory_cap_bytes, progress, unpartitioned_ms)
     if trace_dir is not None:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         for name, timeline in timelines.items():
@@ -146,7 +152,7 @@ def optimize(
 
 def _partition_variants(
     plan: Plan, step, tokens, targets, derived: DerivedCostModel, timelines: dict, partition: bool,
-    schedule_dw: bool, max_partitions: int, memory_cap_bytes, progress: bool, captured_order,
+    schedule_dw: bool, max_partitions: int, memory_cap_bytes, progress: bool, unpartitioned_ms: dict[str, float],
 ) -> None:
     """Fill ``lancet-part`` and ``lancet``: the range search, then the order passes on the partitioned step."""
     forward = capture_forward(step, tokens, targets)
@@ -171,13 +177,9 @@ def _partition_variants(
     partitioned = simulate(graph.graph, costs)
     order, _ = choose_order(graph, costs, schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes)
     # Whole steps compared under the same (derived) pricing: the forward-only search may overrate a partition.
-    reference = capture_step(step, tokens, targets)
-    captured_ms = simulate(reference.graph, derived.costs(reference.graph)).makespan_ms
-    apply_order_decisions(reference, captured_order.dw, captured_order.allreduce)
-    ordered_ms = simulate(reference.graph, derived.costs(reference.graph)).makespan_ms
+    captured_ms, ordered_ms = unpartitioned_ms["captured"], unpartitioned_ms["lancet-dw"]
     plan.selection["whole_step_ms"] = {
-        "captured": captured_ms, "lancet-dw": ordered_ms,
-        "lancet-part": partitioned.makespan_ms, "partition+order": order.timeline.makespan_ms,
+        **unpartitioned_ms, "lancet-part": partitioned.makespan_ms, "partition+order": order.timeline.makespan_ms,
     }
     if partitioned.makespan_ms < captured_ms:
         plan.variants["lancet-part"] = VariantPlan(
