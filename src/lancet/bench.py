@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -74,14 +74,7 @@ class VariantResult:
     predicted: dict | None = None
 
     def to_json(self) -> dict:
-        return {
-            "variant": self.variant,
-            "step_ms": self.step_ms,
-            "tokens_per_s": self.tokens_per_s,
-            "peak_mem_gib": self.peak_mem_gib,
-            "trace": self.trace,
-            "predicted": self.predicted,
-        }
+        return asdict(self)
 
 
 def _runner(variant: str, session, plan) -> tuple[Callable[[list, torch.Tensor, torch.Tensor], StepResult], int]:

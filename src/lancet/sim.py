@@ -86,12 +86,17 @@ class Timeline:
             json.dump(self.chrome_trace(), f)
 
 
-def _stretch(start: float, work: float, comm: list[tuple[float, float]], factor: float) -> float:
-    """End time of ``work`` ms of compute from ``start`` when it runs ``factor`` slower inside comm intervals."""
+def _stretch(
+    start: float, work: float, comm: list[tuple[float, float]], factor: float, ends: list[float] | None = None
+) -> float:
+    """End time of ``work`` ms of compute from ``start`` when it runs ``factor`` slower inside comm intervals.
+
+    ``comm`` is in lane order (ends non-decreasing); ``ends`` may hold their end times already.
+    """
     if factor == 1.0 or not comm or work <= 0:
         return start + work
     t, left = start, work
-    i = bisect.bisect_right([end for _, end in comm], t)
+    i = bisect.bisect_right(ends if ends is not None else [end for _, end in comm], t)
     while left > 0:
         if i >= len(comm):
             return t + left
@@ -142,6 +147,7 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
     beside = _window_compute(graph, costs)
     ready: dict[fx.Node, float] = {}
     comm_busy: list[tuple[float, float]] = []
+    comm_ends: list[float] = []
     host = compute_free = comm_free = 0.0
     compute_ivs: list[tuple[float, float]] = []
     a2a_ivs: list[tuple[float, float]] = []
@@ -154,6 +160,7 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
             end = start + _comm_duration(node, costs, beside.get(node, 0.0))
             comm_free = end
             comm_busy.append((start, end))
+            comm_ends.append(end)
             kind = str(node.target).split(".")[-2]
             timeline.intervals.append(Interval(node.name, "comm", start, end, kind))
             if "all_to_all" in kind:
@@ -170,7 +177,7 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
                 host += costs.host(node)
             cost = costs.compute(node)
             start = max(compute_free, inputs_ready, host)
-            end = _stretch(start, cost, comm_busy, costs.contention)
+            end = _stretch(start, cost, comm_busy, costs.contention, comm_ends)
             if cost > 0:
                 timeline.intervals.append(Interval(node.name, "compute", start, end, str(node.target)))
                 compute_ivs.append((start, end))

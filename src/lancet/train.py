@@ -141,6 +141,6 @@ def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
 def _dropped_fraction(result: StepResult) -> float:
     if not result.keep:
         return 0.0
-    kept = sum(k.sum().item() for k in result.keep)
+    kept = torch.stack([k.sum() for k in result.keep]).sum().item()  # one host read per step
     total = sum(k.numel() for k in result.keep)
     return 1.0 - kept / total
