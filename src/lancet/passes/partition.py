@@ -165,12 +165,10 @@ def _classify(nodes: list[fx.Node], axes: dict[fx.Node, Inferred]) -> dict[fx.No
             mode[node] = mode.get(node.args[0], WHOLE) if node.args[0] in members else WHOLE
         elif inferred.carry:
             mode[node] = CARRY
-        elif inferred.exact and not isinstance(inferred.axis, tuple) and inferred.axis.kind in ("token", "replicated"):
-            mode[node] = PART
-        elif inferred.exact and isinstance(inferred.axis, tuple) and all(a.kind in ("token", "replicated") for a in inferred.axis):
-            mode[node] = PART
         else:
-            mode[node] = WHOLE
+            outputs = inferred.axis if isinstance(inferred.axis, tuple) else (inferred.axis,)
+            splittable = inferred.exact and all(a.kind in ("token", "replicated") for a in outputs)
+            mode[node] = PART if splittable else WHOLE
     _repair(nodes, axes, mode)
     return mode
 
@@ -215,24 +213,22 @@ def _make_whole(node: fx.Node, mode: dict[fx.Node, str]) -> bool:
     return True
 
 
-def _check_dispatch_complete(graph: fx.Graph, nodes: list[fx.Node]) -> list[str]:
+def _check_dispatch_complete(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     members = set(nodes)
     layers = {_module(n) for n in nodes if is_dispatch(n)}
     for node in graph.nodes:
         if is_dispatch(node) and _module(node) in layers and node not in members:
             raise PartitionError(f"the MoE dispatch of {_module(node)} is only partly inside the region")
-    return sorted(layers)
 
 
 class _Rewriter:
     """Emits the partitioned copies of one region right before it and reroutes its outside uses."""
 
-    def __init__(self, graph: fx.Graph, region: _Region, axes: dict[fx.Node, Inferred], batch_size: int) -> None:
+    def __init__(self, graph: fx.Graph, region: _Region, axes: dict[fx.Node, Inferred]) -> None:
         self.graph = graph
         self.region = region
         self.n = region.spec.parts
         self.axes = axes
-        self.batch_size = batch_size
         self.members = set(region.nodes)
         self.parts: list[dict[fx.Node, fx.Node]] = [{} for _ in range(self.n)]
         self.whole: dict[fx.Node, fx.Node] = {}
@@ -386,7 +382,7 @@ def partition_pass(forward: ForwardGraph, decisions: PartitionDecisions, batch_s
         nodes = _range(gm.graph, spec)
         _check_dispatch_complete(gm.graph, nodes)
         region = _Region(spec=spec, nodes=nodes, mode=_classify(nodes, axes))
-        _Rewriter(gm.graph, region, axes, batch_size).run()
+        _Rewriter(gm.graph, region, axes).run()
         gm.graph.lint()
     gm.recompile()
     return ForwardGraph(gm=gm, param_names=list(forward.param_names), batch_shape=forward.batch_shape)
