@@ -22,7 +22,6 @@ parts of the partition that made it.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -201,10 +200,6 @@ class DerivedCostModel:
             elif is_timed(node) and not is_view(node):
                 out.compute_ms[node.name] = self._compute_ms(node, sizes, partitioned)
         return out
-
-    @property
-    def price(self) -> Callable[[fx.Graph], NodeCosts]:
-        return self.costs
 
 
 def expected_rows(profile: ComputeProfile, graph: fx.Graph) -> float:
