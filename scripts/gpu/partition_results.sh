@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
 # Side-by-side benches of every variant (issue: partition + pipelining) on the GPUs present.
-# Usage: bash scripts/gpu/partition_results.sh 1   (profile, comm curves, nvlink plan and bench)
-#        bash scripts/gpu/partition_results.sh 2   (ib100 and ib400 plans and benches; needs part 1's files in .results)
-# Everything lands in $OUT/results_<part>.tar.gz.
+# Usage: bash scripts/gpu/partition_results.sh 1   (profile, comm curves, then plans and benches for NETS, default nvlink)
+#        bash scripts/gpu/partition_results.sh 2   (plans and benches for NETS, default "ib100 ib400"; reads part 1's
+#                                                   files from /tmp/results_1 when this machine ran part 1, else .results)
+# Env: MODEL, GATE, NETS, VARIANTS, STEPS, BUDGET_S (stop starting benches after this many seconds, default 540).
+# Results land in $OUT/results_<part>.tar.gz; every rank's traces of eager/captured/lancet-dw/lancet in $OUT/traces_<part>_<net>.tar.gz.
 set -u
 source scripts/gpu/env.sh
 PART=${1:-1}
 M=${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}
 G=${GATE:-switch}
-R=/tmp/results_$PART; mkdir -p $R
+TAG=${TAG:-$PART}
+R=/tmp/results_$TAG; mkdir -p $R
+T=/tmp/traces_$TAG; mkdir -p $T
+BEGIN=$(date +%s)
 VARIANTS=${VARIANTS:-eager,captured,tutel-d2,tutel-d4,tutel-d8,lancet-dw,lancet-part,lancet}
-step() { echo "### $(date +%T) $*"; "$@" > >(tee -a $R/log.txt | grep -v "USDT\|Warning\|warn" | tail -${TAIL:-25}) 2>&1; }
+step() { echo "### $(( $(date +%s) - BEGIN ))s $*" | tee -a $R/log.txt; "$@" > >(tee -a $R/log.txt | grep -v "USDT\|Warning\|warn" | tail -${TAIL:-25}) 2>&1; }
+left() { echo $(( ${BUDGET_S:-540} - ($(date +%s) - BEGIN) )); }
 bench() {
     local net=$1
+    if [ "$(left)" -lt "${NEED_S:-150}" ]; then echo "### skipped $net: $(left)s left" | tee -a $R/log.txt; return; fi
     step $LANCET optimize --profile $P/profile.json --comm $P/comm_$net.json --out $R/plan_$net.json --trace-dir $R/pred_$net
     step $LANCET bench --model $M --dtype bf16 --gate $G --network $net --variants $VARIANTS --plan $R/plan_$net.json \
-        --steps 15 --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/traces_$net
-    for v in captured lancet tutel-d2; do
-        mkdir -p $R/traces_$net/$v && gzip -c /tmp/traces_$net/$v/rank0.json > $R/traces_$net/$v/rank0.json.gz
+        --steps ${STEPS:-15} --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/tr_$net
+    for v in eager captured lancet-dw lancet; do
+        [ -d /tmp/tr_$net/$v ] || continue
+        mkdir -p $T/${net}_$v && for f in /tmp/tr_$net/$v/rank*.json; do gzip -c $f > $T/${net}_$v/$(basename $f).gz; done
     done
 }
 if [ "$PART" = 1 ]; then
@@ -29,10 +37,12 @@ if [ "$PART" = 1 ]; then
     for NET in nvlink ib100 ib400; do
         step $LANCET profile-comm --network $NET --out $R/comm_$NET.json --reps 5
     done
-    bench nvlink
+    for NET in ${NETS:-nvlink}; do bench $NET; done
 else
-    P=.results
+    P=.results; [ -f /tmp/results_1/profile.json ] && P=/tmp/results_1
+    echo "### profile and comm curves from $P" | tee -a $R/log.txt
     for NET in ${NETS:-ib100 ib400}; do bench $NET; done
 fi
-tar -czf $OUT/results_$PART.tar.gz -C /tmp results_$PART
+tar -czf $OUT/results_$TAG.tar.gz -C /tmp results_$TAG
+for d in $T/*_eager; do [ -d "$d" ] || continue; net=$(basename $d _eager); tar -czf $OUT/traces_${TAG}_$net.tar.gz -C $T $(cd $T && ls -d ${net}_*); done
 ls -la $OUT

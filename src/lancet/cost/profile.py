@@ -89,6 +89,26 @@ class NodeTimer(fx.Interpreter):
 
 
 @dataclass(slots=True)
+class RankCosts:
+    """One rank's medians over passes: device ms and host ms per node, bytes of each collective it started."""
+
+    node_ms: dict[str, float] = field(default_factory=dict)
+    host_ms: dict[str, float] = field(default_factory=dict)
+    comm_bytes: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {"node_ms": self.node_ms, "host_ms": self.host_ms, "comm_bytes": self.comm_bytes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> RankCosts:
+        return cls(
+            node_ms={n: float(v) for n, v in data["node_ms"].items()},
+            host_ms={n: float(v) for n, v in data["host_ms"].items()},
+            comm_bytes={n: int(v) for n, v in data["comm_bytes"].items()},
+        )
+
+
+@dataclass(slots=True)
 class ComputeProfile:
     """Median cost per node (ms) and bytes per node of one graph, agreed across ranks."""
 
@@ -102,6 +122,8 @@ class ComputeProfile:
     """Collective start node -> bytes it produced on this rank (median over passes and ranks)."""
     comm_kind: dict[str, str] = field(default_factory=dict)
     passes: int = 0
+    ranks: list[RankCosts] = field(default_factory=list)
+    """Each rank's own medians over passes (rank order); empty for single-process profiles."""
 
     def op_ms(self) -> dict[str, float]:
         table: dict[str, list[float]] = {}
@@ -118,6 +140,7 @@ class ComputeProfile:
             "ops": self.op_ms(),
             "out_bytes": self.out_bytes,
             "collectives": {n: {"kind": self.comm_kind[n], "bytes": b} for n, b in self.comm_bytes.items()},
+            "ranks": [r.to_json() for r in self.ranks],
         }
 
     @classmethod
@@ -131,6 +154,7 @@ class ComputeProfile:
             comm_bytes={n: int(v["bytes"]) for n, v in data["collectives"].items()},
             comm_kind={n: v["kind"] for n, v in data["collectives"].items()},
             passes=data.get("passes", 0),
+            ranks=[RankCosts.from_json(r) for r in data.get("ranks", [])],
         )
 
 
@@ -164,13 +188,17 @@ def profile_graph(
             progress(i + 1)
     node_ms, out_bytes = _median_dicts(per_pass_ms), _median_dicts(per_pass_bytes)
     host_ms = _median_dicts(per_pass_host)
+    starts = [n for n in gm.graph.nodes if node_role(n) == Role.COMM_START]
+    ranks: list[RankCosts] = []
     if group is not None and dist.get_world_size(group) > 1:
         gathered: list[object] = [None] * dist.get_world_size(group)
         dist.all_gather_object(gathered, (node_ms, out_bytes, host_ms), group=group)
+        ranks = [
+            RankCosts(g[0], g[2], {n.name: int(g[1].get(n.name, 0)) for n in starts}) for g in gathered
+        ]
         node_ms = _median_dicts([g[0] for g in gathered])
         out_bytes = _median_dicts([g[1] for g in gathered])
         host_ms = _median_dicts([g[2] for g in gathered])
-    starts = [n for n in gm.graph.nodes if node_role(n) == Role.COMM_START]
     return ComputeProfile(
         fingerprint=graph_fingerprint(gm.graph),
         node_ms=node_ms,
@@ -180,4 +208,5 @@ def profile_graph(
         comm_bytes={n.name: int(out_bytes.get(n.name, 0)) for n in starts},
         comm_kind={n.name: collective_kind(n) for n in starts},
         passes=len(batches),
+        ranks=ranks,
     )
