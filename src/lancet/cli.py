@@ -102,7 +102,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     run = checked(run_config(args, steps=1))
     if args.passes < 1 or args.reps < 1:
         raise UsageError("--passes and --reps must be >= 1")
-    launch(profile_worker, (run, args.out, args.passes, args.reps), run.nproc)
+    if args.tutel < 1:
+        raise UsageError("--tutel must be >= 1")
+    launch(profile_worker, (run, args.out, args.passes, args.reps, args.tutel), run.nproc)
     return 0
 
 
@@ -199,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--out", required=True, help="profile JSON to write")
     profile.add_argument("--passes", type=int, default=3, help="graph executions (batches) to take the median over")
     profile.add_argument("--reps", type=int, default=5, help="timed repetitions of each node per pass")
+    profile.add_argument("--tutel", type=int, default=1, metavar="N",
+                         help="profile the tutel-dN step (MoE dispatch stages in N parts) instead of the captured one; "
+                              "for checking the cost estimate of partitioned steps (optimize takes only N=1)")
     profile.set_defaults(func=cmd_profile)
 
     comm = sub.add_parser("profile-comm", help="measure all-to-all / all-reduce cost curves and contention")

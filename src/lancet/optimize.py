@@ -74,6 +74,11 @@ def step_for_profile(document: dict) -> tuple[TrainStep, torch.Tensor, torch.Ten
 
 def _load(profile_path: str, comm_path: str):
     profile_doc = read_artifact(profile_path, "profile")
+    if profile_doc.get("tutel_parts", 1) != 1:
+        raise ArtifactMismatch(
+            f"{profile_path} profiles the tutel-d{profile_doc['tutel_parts']} step; optimize needs the captured "
+            "step's profile (lancet profile without --tutel)"
+        )
     comm_doc = read_artifact(comm_path, "comm")
     profile_identity = identity_from_json(profile_doc["identity"])
     comm_identity = identity_from_json(comm_doc["identity"])

@@ -15,21 +15,26 @@ from lancet.cost.profile import profile_graph
 from lancet.dist import rank_runtime
 
 
-def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int) -> dict:
-    """Capture the step, time every compute node over ``passes`` batches, write the agreed profile (rank 0)."""
+def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_parts: int = 1) -> dict:
+    """Capture the step (or its ``tutel-d<tutel_parts>`` rewrite), time every compute node over ``passes`` batches,
+    write the agreed profile (rank 0)."""
+    from lancet.bench import tutel_graph
     from lancet.train import build_session
 
     with rank_runtime(run.network) as runtime:
         session = build_session(run, runtime)
         tokens, targets = session.batch(0)
-        train_graph = capture_step(session.train_step, tokens, targets)
+        if tutel_parts == 1:
+            train_graph = capture_step(session.train_step, tokens, targets)
+        else:
+            train_graph = tutel_graph(session.train_step, tokens, targets, tutel_parts)
         batches = [[*session.params, *session.batch(step)] for step in range(passes)]
         bar = tqdm(total=passes, desc="profile passes", disable=not runtime.is_main)
         profile = profile_graph(
             train_graph.gm, batches, runtime.device, runtime.group, reps=reps, progress=lambda i: bar.update(1)
         )
         bar.close()
-        payload = {"spec": asdict(run.spec), "profile": profile.to_json()}
+        payload = {"spec": asdict(run.spec), "profile": profile.to_json(), "tutel_parts": tutel_parts}
         if runtime.is_main:
             write_artifact(out_path, "profile", run.identity(runtime.world_size, runtime.device), payload)
             total = sum(profile.node_ms.values())
