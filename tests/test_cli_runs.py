@@ -36,3 +36,17 @@ def test_profile_optimize_bench_pipeline(tmp_path):
     assert [r["variant"] for r in results] == variants
     assert all(r["step_ms"] > 0 and r["trace"]["steps"] == 1 for r in results)
     assert all(r["predicted"]["makespan_ms"] > 0 for r in results[:5])
+    profile = json.loads((tmp_path / "profile.json").read_text())["profile"]
+    assert len(profile["ranks"]) == 2 and all(set(r["node_ms"]) == set(profile["nodes"]) for r in profile["ranks"])
+
+    # The estimate of a partitioned step against its own measured profile; optimize refuses that profile.
+    lancet("profile", *model, "--out", "profile_d2.json", "--passes", "1", "--reps", "2", "--tutel", "2", cwd=tmp_path)
+    subprocess.run([sys.executable, "-m", "lancet.estimate_check", "--profile", "profile.json", "--tutel-profile",
+                    "profile_d2.json", "--comm", "comm.json", "--json", "check.json"], cwd=tmp_path, check=True,
+                   capture_output=True, timeout=600)
+    check = json.loads((tmp_path / "check.json").read_text())
+    assert check["parts"] == 2 and check["step_ms"]["estimate"] > 0 and check["step_ms"]["measured"] > 0
+    assert check["phase_ms"]["measured"]["backward"] > 0
+    refused = subprocess.run([sys.executable, "-m", "lancet.cli", "optimize", "--profile", "profile_d2.json", "--comm",
+                              "comm.json", "--out", "x.json"], cwd=tmp_path, capture_output=True, text=True)
+    assert refused.returncode != 0 and "tutel-d2 step" in refused.stdout + refused.stderr

@@ -78,3 +78,28 @@ def test_comm_slows_down_beside_compute():
     slowed = simulate(tg.graph, costs)
     # a2a_1 shares 1 of its 4 ms: 4 * (1 + 1 * 0.25) = 5 ms; a2a_2 has nothing beside it.
     assert slowed.makespan_ms == pytest.approx(plain.makespan_ms + 1.0)
+
+
+def test_collective_waits_for_the_slowest_rank():
+    tg = two_layer_backward()
+    # order: dx1 dw1 a2a_1 | dx2 dw2 a2a_2 | out ; rank 1's dw1 takes 3 ms instead of 1
+    fast = ToyCostModel(compute_ms=1.0, comm_ms={"all_to_all": 4.0}).costs(tg.graph)
+    slow = ToyCostModel(compute_ms=1.0, comm_ms={"all_to_all": 4.0}, overrides={"dw1": 3.0}).costs(tg.graph)
+    alone = simulate(tg.graph, fast)
+    both = NodeCosts(**{**{f: getattr(fast, f) for f in fast.__slots__}, "ranks": [fast, slow]})
+    timeline = simulate(tg.graph, both)
+    # a2a_1 starts when rank 1 reaches it (4 ms, not 2): every later node of rank 0 moves by 2 ms.
+    assert timeline.makespan_ms == pytest.approx(alone.makespan_ms + 2.0)
+    waits = [(iv.start, iv.end) for iv in timeline.intervals if iv.kind == "waiting for other ranks"]
+    assert waits == [(2.0, 4.0)]  # both ranks end together; the first (rank 0) is reported, waiting for rank 1
+    rank0 = NodeCosts(**{**{f: getattr(fast, f) for f in fast.__slots__}, "ranks": [fast, fast]})
+    assert simulate(tg.graph, rank0).makespan_ms == pytest.approx(alone.makespan_ms)
+
+
+def test_collective_takes_the_longest_rank_duration():
+    tg = two_layer_backward()
+    small = ToyCostModel(compute_ms=1.0, comm_ms={"all_to_all": 4.0}).costs(tg.graph)
+    large = ToyCostModel(compute_ms=1.0, comm_ms={"all_to_all": 6.0}).costs(tg.graph)
+    both = NodeCosts(**{**{f: getattr(small, f) for f in small.__slots__}, "ranks": [small, large]})
+    # each of the two serial all-to-alls takes rank 1's 6 ms on both ranks
+    assert simulate(tg.graph, both).makespan_ms == pytest.approx(simulate(tg.graph, small).makespan_ms + 4.0)

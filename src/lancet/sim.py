@@ -141,59 +141,100 @@ def _comm_duration(node: fx.Node, costs: NodeCosts, beside: float) -> float:
     return base * (1.0 + (costs.comm_contention - 1.0) * shared)
 
 
-def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
-    """Simulate ``graph`` in its current node order under ``costs``."""
-    timeline = Timeline()
-    beside = _window_compute(graph, costs)
-    ready: dict[fx.Node, float] = {}
-    comm_busy: list[tuple[float, float]] = []
-    comm_ends: list[float] = []
-    host = compute_free = comm_free = 0.0
-    compute_ivs: list[tuple[float, float]] = []
-    a2a_ivs: list[tuple[float, float]] = []
-    for node in graph.nodes:
-        role = node_role(node)
-        inputs_ready = max((ready.get(p, 0.0) for p in node.all_input_nodes), default=0.0)
-        if role == Role.COMM_START:
-            host += costs.collective_host_ms
-            start = max(comm_free, compute_free, inputs_ready, host)
-            end = start + _comm_duration(node, costs, beside.get(node, 0.0))
-            comm_free = end
-            comm_busy.append((start, end))
-            comm_ends.append(end)
-            kind = str(node.target).split(".")[-2]
-            timeline.intervals.append(Interval(node.name, "comm", start, end, kind))
-            if "all_to_all" in kind:
-                a2a_ivs.append((start, end))
-            ready[node] = end
-        elif role == Role.COMM_WAIT:
-            compute_free = max(compute_free, inputs_ready)
-            ready[node] = compute_free
+@dataclass(slots=True)
+class _Rank:
+    """One rank's lanes while the simulation walks the graph."""
+
+    costs: NodeCosts
+    beside: dict[fx.Node, float]
+    timeline: Timeline = field(default_factory=Timeline)
+    ready: dict[fx.Node, float] = field(default_factory=dict)
+    comm_busy: list[tuple[float, float]] = field(default_factory=list)
+    comm_ends: list[float] = field(default_factory=list)
+    compute_ivs: list[tuple[float, float]] = field(default_factory=list)
+    a2a_ivs: list[tuple[float, float]] = field(default_factory=list)
+    host: float = 0.0
+    compute_free: float = 0.0
+    comm_free: float = 0.0
+
+    def inputs_ready(self, node: fx.Node) -> float:
+        return max((self.ready.get(p, 0.0) for p in node.all_input_nodes), default=0.0)
+
+    def arrive(self, node: fx.Node) -> float:
+        """When this rank can start collective ``node``: issued, its inputs ready, both lanes there."""
+        self.host += self.costs.collective_host_ms
+        return max(self.comm_free, self.compute_free, self.inputs_ready(node), self.host)
+
+    def collective(self, node: fx.Node, arrived: float, start: float, end: float) -> None:
+        self.comm_free = end
+        self.comm_busy.append((start, end))
+        self.comm_ends.append(end)
+        kind = str(node.target).split(".")[-2]
+        if start > arrived:
+            self.timeline.intervals.append(Interval(node.name, "comm", arrived, start, "waiting for other ranks"))
+        self.timeline.intervals.append(Interval(node.name, "comm", start, end, kind))
+        if "all_to_all" in kind:
+            self.a2a_ivs.append((start, end))
+        self.ready[node] = end
+
+    def local(self, node: fx.Node, role: Role) -> None:
+        """Every node that is not a collective start."""
+        costs, inputs_ready = self.costs, self.inputs_ready(node)
+        if role == Role.COMM_WAIT:
+            self.compute_free = max(self.compute_free, inputs_ready)
+            self.ready[node] = self.compute_free
         elif role == Role.HOST_WAIT:
-            host = max(host + costs.host(node), inputs_ready)  # the host waits; the device does not
-            ready[node] = host
+            self.host = max(self.host + costs.host(node), inputs_ready)  # the host waits; the device does not
+            self.ready[node] = self.host
         elif role in (Role.COMPUTE, Role.HOST_SYNC):
             if node.op == "call_function":
-                host += costs.host(node)
+                self.host += costs.host(node)
             cost = costs.compute(node)
-            start = max(compute_free, inputs_ready, host)
-            end = _stretch(start, cost, comm_busy, costs.contention, comm_ends)
+            start = max(self.compute_free, inputs_ready, self.host)
+            end = _stretch(start, cost, self.comm_busy, costs.contention, self.comm_ends)
             if cost > 0:
-                timeline.intervals.append(Interval(node.name, "compute", start, end, str(node.target)))
-                compute_ivs.append((start, end))
-                compute_free = end
-            ready[node] = end if cost > 0 else start
+                self.timeline.intervals.append(Interval(node.name, "compute", start, end, str(node.target)))
+                self.compute_ivs.append((start, end))
+                self.compute_free = end
+            self.ready[node] = end if cost > 0 else start
             if role == Role.HOST_SYNC:
-                host = max(host, end)  # the host waits for the device value
+                self.host = max(self.host, end)  # the host waits for the device value
         else:
-            ready[node] = 0.0 if role == Role.INPUT else compute_free
-    timeline.makespan_ms = max(compute_free, comm_free, host)
-    timeline.compute_ms = total_length(compute_ivs)
-    timeline.comm_ms = total_length(comm_busy)
-    timeline.exposed_comm_ms = total_length(subtract(comm_busy, compute_ivs))
-    timeline.exposed_a2a_ms = total_length(subtract(a2a_ivs, compute_ivs))
-    timeline.peak_live_bytes = peak_live_bytes(graph, costs.out_bytes)
-    return timeline
+            self.ready[node] = 0.0 if role == Role.INPUT else self.compute_free
+
+    def finish(self, graph: fx.Graph) -> Timeline:
+        timeline = self.timeline
+        timeline.makespan_ms = max(self.compute_free, self.comm_free, self.host)
+        timeline.compute_ms = total_length(self.compute_ivs)
+        timeline.comm_ms = total_length(self.comm_busy)
+        timeline.exposed_comm_ms = total_length(subtract(self.comm_busy, self.compute_ivs))
+        timeline.exposed_a2a_ms = total_length(subtract(self.a2a_ivs, self.compute_ivs))
+        timeline.peak_live_bytes = peak_live_bytes(graph, self.costs.out_bytes)
+        return timeline
+
+
+def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
+    """Simulate ``graph`` in its current node order under ``costs``.
+
+    With per-rank costs (``costs.ranks``) every rank runs its own lanes and a
+    collective starts only when the last rank reaches it, then takes the
+    longest of the ranks' durations (ranks wait for each other: rank skew).
+    The result is the timeline of the rank that finishes last.
+    """
+    ranks = [_Rank(c, _window_compute(graph, c)) for c in (costs.ranks or [costs])]
+    for node in graph.nodes:
+        role = node_role(node)
+        if role == Role.COMM_START:
+            arrived = [rank.arrive(node) for rank in ranks]
+            start = max(arrived)
+            end = start + max(_comm_duration(node, rank.costs, rank.beside.get(node, 0.0)) for rank in ranks)
+            for rank, t in zip(ranks, arrived):
+                rank.collective(node, t, start, end)
+        else:
+            for rank in ranks:
+                rank.local(node, role)
+    timelines = [rank.finish(graph) for rank in ranks]
+    return max(timelines, key=lambda t: t.makespan_ms)
 
 
 def _storage_root(node: fx.Node) -> fx.Node:

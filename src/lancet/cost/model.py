@@ -35,6 +35,9 @@ class NodeCosts:
     """Issue time of nodes ``host_ms`` does not name."""
     collective_host_ms: float = 0.0
     """Issue time of a collective."""
+    ranks: list[NodeCosts] = field(default_factory=list)
+    """Each rank's own costs, when they differ (the simulator then runs every rank); the fields above are
+    what every rank agrees on (medians) and what the passes plan with."""
 
     def compute(self, node: fx.Node) -> float:
         return self.compute_ms.get(node.name, 0.0)
@@ -87,16 +90,29 @@ class ProfiledCostModel:
 
     Compute nodes take their measured time by name; collectives are priced
     from their measured bytes on the comm curves. Nodes the profile does not
-    name cost 0 and are listed in ``unpriced``.
+    name cost 0 and are listed in ``unpriced``. A profile of several ranks also
+    gives every rank's own costs (``NodeCosts.ranks``).
     """
 
     profile: "ComputeProfile"  # noqa: F821 (lancet.cost.profile)
     comm: "CommProfile"  # noqa: F821 (lancet.cost.comm)
     model_host: bool = True
     """Model the host's issue time (GPU runs); off where the host does the compute itself (CPU runs)."""
+    per_rank: bool = True
+    """Attach each rank's own costs (when the profile has them) so the simulator models rank skew."""
     unpriced: list[str] = field(default_factory=list)
 
     def costs(self, graph: fx.Graph) -> NodeCosts:
+        """The agreed (median) costs, with each rank's own costs in ``ranks`` when the profile has them."""
+        self.unpriced = []
+        out = self._priced(graph, self.profile.node_ms, self.profile.host_ms, self.profile.comm_bytes, self.unpriced)
+        if self.per_rank:
+            out.ranks = [self._priced(graph, r.node_ms, r.host_ms, r.comm_bytes, []) for r in self.profile.ranks]
+        return out
+
+    def _priced(
+        self, graph: fx.Graph, node_ms: dict, host_ms: dict, comm_bytes: dict, unpriced: list[str]
+    ) -> NodeCosts:
         import statistics
 
         from lancet.cost.profile import is_timed
@@ -106,24 +122,22 @@ class ProfiledCostModel:
             comm_contention=self.comm.comm_contention,
             out_bytes=dict(self.profile.out_bytes),
         )
-        if self.model_host and self.profile.host_ms:
-            out.host_ms = dict(self.profile.host_ms)
-            out.default_host_ms = statistics.median(self.profile.host_ms.values())
+        if self.model_host and host_ms:
+            out.host_ms = dict(host_ms)
+            out.default_host_ms = statistics.median(host_ms.values())
             out.collective_host_ms = self.comm.issue_ms
-        self.unpriced = []
         for node in graph.nodes:
             role = node_role(node)
             if role == Role.COMM_START:
-                kind = collective_kind(node)
-                nbytes = self.profile.comm_bytes.get(node.name)
+                nbytes = comm_bytes.get(node.name)
                 if nbytes is None:
-                    self.unpriced.append(node.name)
+                    unpriced.append(node.name)
                     continue
-                out.comm_ms[node.name] = self.comm.ms(kind, nbytes)
+                out.comm_ms[node.name] = self.comm.ms(collective_kind(node), nbytes)
             elif node.op == "call_function" and is_timed(node):
-                ms = self.profile.node_ms.get(node.name)
+                ms = node_ms.get(node.name)
                 if ms is None:
-                    self.unpriced.append(node.name)
+                    unpriced.append(node.name)
                     continue
                 out.compute_ms[node.name] = ms
         return out
