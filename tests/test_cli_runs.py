@@ -38,6 +38,8 @@ def test_profile_optimize_bench_pipeline(tmp_path):
     assert all(r["predicted"]["makespan_ms"] > 0 for r in results[:5])
     profile = json.loads((tmp_path / "profile.json").read_text())["profile"]
     assert len(profile["ranks"]) == 2 and all(set(r["node_ms"]) == set(profile["nodes"]) for r in profile["ranks"])
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert profile["optimizer_ms"] > 0 and plan["predicted"]["after_ms"] == profile["optimizer_ms"]
 
     # The estimate of a partitioned step against its own measured profile; optimize refuses that profile.
     lancet("profile", *model, "--out", "profile_d2.json", "--passes", "1", "--reps", "2", "--tutel", "2", cwd=tmp_path)

@@ -34,15 +34,38 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_
             train_graph.gm, batches, runtime.device, runtime.group, reps=reps, progress=lambda i: bar.update(1)
         )
         bar.close()
+        profile.optimizer_ms = optimizer_ms(session, reps)
         payload = {"spec": asdict(run.spec), "profile": profile.to_json(), "tutel_parts": tutel_parts}
         if runtime.is_main:
             write_artifact(out_path, "profile", run.identity(runtime.world_size, runtime.device), payload)
             total = sum(profile.node_ms.values())
             Console().print(
                 f"profiled {len(profile.node_ms)} compute nodes ({len(profile.op_ms())} distinct ops), "
-                f"sum {total:.2f} ms per step -> {out_path}"
+                f"sum {total:.2f} ms per step, optimizer {profile.optimizer_ms:.2f} ms -> {out_path}"
             )
         return payload
+
+
+def optimizer_ms(session, reps: int) -> float:
+    """Time of one optimizer update after the step (gradients handed over, step, zero_grad), slowest rank.
+
+    The longer of the device time and the host's issue time; measured on zero gradients of the real shapes.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from lancet.cost.clock import Clock
+    from lancet.step import StepResult
+
+    grads = [torch.zeros_like(p) for p in session.params]
+    update = lambda: session.apply(StepResult(torch.zeros(()), grads, []))  # noqa: E731
+    clock = Clock(session.runtime.device)
+    update()
+    device_ms, host_ms = clock.time_ms(update, reps)
+    slowest = torch.tensor([max(device_ms, host_ms)], dtype=torch.float64, device=session.runtime.device)
+    if session.runtime.group is not None and dist.get_world_size(session.runtime.group) > 1:
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=session.runtime.group)
+    return float(slowest.item())
 
 
 def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: int) -> dict:

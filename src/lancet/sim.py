@@ -49,10 +49,19 @@ class Timeline:
     exposed_comm_ms: float = 0.0
     exposed_a2a_ms: float = 0.0
     peak_live_bytes: int = 0
+    after_ms: float = 0.0
+    """Work after the graph that the makespan includes (the optimizer update)."""
+
+    def add_after(self, name: str, ms: float) -> None:
+        """Append ``ms`` of work after the graph (on the compute lane) to the timeline and its makespan."""
+        self.intervals.append(Interval(name, "compute", self.makespan_ms, self.makespan_ms + ms, name))
+        self.makespan_ms += ms
+        self.after_ms += ms
 
     def summary(self) -> dict:
         return {
             "makespan_ms": self.makespan_ms,
+            "after_ms": self.after_ms,
             "compute_ms": self.compute_ms,
             "comm_ms": self.comm_ms,
             "exposed_comm_ms": self.exposed_comm_ms,

@@ -124,6 +124,8 @@ class ComputeProfile:
     passes: int = 0
     ranks: list[RankCosts] = field(default_factory=list)
     """Each rank's own medians over passes (rank order); empty for single-process profiles."""
+    optimizer_ms: float = 0.0
+    """The optimizer update that follows the step graph (slowest rank)."""
 
     def op_ms(self) -> dict[str, float]:
         table: dict[str, list[float]] = {}
@@ -141,6 +143,7 @@ class ComputeProfile:
             "out_bytes": self.out_bytes,
             "collectives": {n: {"kind": self.comm_kind[n], "bytes": b} for n, b in self.comm_bytes.items()},
             "ranks": [r.to_json() for r in self.ranks],
+            "optimizer_ms": self.optimizer_ms,
         }
 
     @classmethod
@@ -155,6 +158,7 @@ class ComputeProfile:
             comm_kind={n: v["kind"] for n, v in data["collectives"].items()},
             passes=data.get("passes", 0),
             ranks=[RankCosts.from_json(r) for r in data.get("ranks", [])],
+            optimizer_ms=float(data.get("optimizer_ms", 0.0)),
         )
 
 
