@@ -3,7 +3,10 @@
 # Usage: bash scripts/gpu/partition_results.sh 1   (profile, comm curves, then plans and benches for NETS, default nvlink)
 #        bash scripts/gpu/partition_results.sh 2   (plans and benches for NETS, default "ib100 ib400"; reads part 1's
 #                                                   files from /tmp/results_1 when this machine ran part 1, else .results)
-# Env: MODEL, GATE, NETS, VARIANTS, STEPS, BUDGET_S (stop starting benches after this many seconds, default 540).
+#        bash scripts/gpu/partition_results.sh 3   (profile again plus a tutel-d2 profile and the estimate check, then
+#                                                   plans and benches for NETS; comm curves from .results)
+# Env: MODEL, GATE, NETS, VARIANTS (VARIANTS_<net> for one regime), STEPS, TAG (names the output),
+#      BUDGET_S (stop starting benches after this many seconds, default 540).
 # Results land in $OUT/results_<part>.tar.gz; every rank's traces of eager/captured/lancet-dw/lancet in $OUT/traces_<part>_<net>.tar.gz.
 set -u
 source scripts/gpu/env.sh
@@ -21,7 +24,8 @@ bench() {
     local net=$1
     if [ "$(left)" -lt "${NEED_S:-150}" ]; then echo "### skipped $net: $(left)s left" | tee -a $R/log.txt; return; fi
     step $LANCET optimize --profile $P/profile.json --comm $P/comm_$net.json --out $R/plan_$net.json --trace-dir $R/pred_$net
-    step $LANCET bench --model $M --dtype bf16 --gate $G --network $net --variants $VARIANTS --plan $R/plan_$net.json \
+    local variants; variants=$(eval echo \${VARIANTS_$net:-$VARIANTS})
+    step $LANCET bench --model $M --dtype bf16 --gate $G --network $net --variants $variants --plan $R/plan_$net.json \
         --steps ${STEPS:-15} --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/tr_$net
     for v in eager captured lancet-dw lancet; do
         [ -d /tmp/tr_$net/$v ] || continue
@@ -38,6 +42,15 @@ if [ "$PART" = 1 ]; then
         step $LANCET profile-comm --network $NET --out $R/comm_$NET.json --reps 5
     done
     for NET in ${NETS:-nvlink}; do bench $NET; done
+elif [ "$PART" = 3 ]; then
+    P=$R; cp .results/comm_*.json $R/
+    step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile.json --passes 3 --reps 5
+    if [ "${CHECK:-1}" = 1 ]; then
+        step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile_d2.json --passes 3 --reps 5 --tutel 2
+        step python3 -m lancet.estimate_check --profile $R/profile.json --tutel-profile $R/profile_d2.json \
+            --comm $R/comm_ib100.json --json $R/estimate_check.json
+    fi
+    for NET in ${NETS:-nvlink ib100}; do bench $NET; done
 else
     P=.results; [ -f /tmp/results_1/profile.json ] && P=/tmp/results_1
     echo "### profile and comm curves from $P" | tee -a $R/log.txt
