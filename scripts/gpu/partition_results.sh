@@ -3,10 +3,12 @@
 # Usage: bash scripts/gpu/partition_results.sh 1   (profile, comm curves, then plans and benches for NETS, default nvlink)
 #        bash scripts/gpu/partition_results.sh 2   (plans and benches for NETS, default "ib100 ib400"; reads part 1's
 #                                                   files from /tmp/results_1 when this machine ran part 1, else .results)
-#        bash scripts/gpu/partition_results.sh 3   (profile again plus a tutel-d2 profile and the estimate check, then
-#                                                   plans and benches for NETS; comm curves from .results)
+#        bash scripts/gpu/partition_results.sh 3   (profile again plus a tutel-d2 profile and the estimate check
+#                                                   (CHECK=0: no check), then plans and benches for NETS; comm curves
+#                                                   measured when COMM_PROFILE=1, else copied from COMM_DIR or .results)
 # Env: MODEL, GATE, NETS, VARIANTS (VARIANTS_<net> for one regime), STEPS, TAG (names the output),
-#      BUDGET_S (stop starting benches after this many seconds, default 540).
+#      BUDGET_S (stop starting benches after this many seconds, default 540) or DEADLINE (epoch seconds),
+#      NEED_S (seconds a bench needs to be started, default 150).
 # Results land in $OUT/results_<part>.tar.gz; every rank's traces of eager/captured/lancet-dw/lancet in $OUT/traces_<part>_<net>.tar.gz.
 set -u
 source scripts/gpu/env.sh
@@ -19,7 +21,8 @@ T=/tmp/traces_$TAG; mkdir -p $T
 BEGIN=$(date +%s)
 VARIANTS=${VARIANTS:-eager,captured,tutel-d2,tutel-d4,tutel-d8,lancet-dw,lancet-part,lancet}
 step() { echo "### $(( $(date +%s) - BEGIN ))s $*" | tee -a $R/log.txt; "$@" > >(tee -a $R/log.txt | grep -v "USDT\|Warning\|warn" | tail -${TAIL:-25}) 2>&1; }
-left() { echo $(( ${BUDGET_S:-540} - ($(date +%s) - BEGIN) )); }
+DEADLINE=${DEADLINE:-$(( BEGIN + ${BUDGET_S:-540} ))}
+left() { echo $(( DEADLINE - $(date +%s) )); }
 bench() {
     local net=$1
     if [ "$(left)" -lt "${NEED_S:-150}" ]; then echo "### skipped $net: $(left)s left" | tee -a $R/log.txt; return; fi
@@ -43,12 +46,18 @@ if [ "$PART" = 1 ]; then
     done
     for NET in ${NETS:-nvlink}; do bench $NET; done
 elif [ "$PART" = 3 ]; then
-    P=$R; cp .results/comm_*.json $R/
+    P=$R
+    if [ "$(left)" -lt "${NEED_S:-150}" ]; then echo "### skipped: $(left)s left" | tee -a $R/log.txt; exit 0; fi
+    if [ "${COMM_PROFILE:-0}" = 1 ]; then
+        for NET in ${NETS:-nvlink ib100}; do step $LANCET profile-comm --network $NET --out $R/comm_$NET.json --reps 5; done
+    else
+        cp ${COMM_DIR:-.results}/comm_*.json $R/
+    fi
     step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile.json --passes 3 --reps 5
     if [ "${CHECK:-1}" = 1 ]; then
         step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile_d2.json --passes 3 --reps 5 --tutel 2
         step python3 -m lancet.estimate_check --profile $R/profile.json --tutel-profile $R/profile_d2.json \
-            --comm $R/comm_ib100.json --json $R/estimate_check.json
+            --comm $R/comm_${CHECK_NET:-ib100}.json --json $R/estimate_check.json
     fi
     for NET in ${NETS:-nvlink ib100}; do bench $NET; done
 else
