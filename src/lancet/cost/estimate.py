@@ -11,7 +11,10 @@ derives for them. This model prices them without running anything:
 - any other node costs its work times the op's measured rate: floating-point
   operations for matrix products and attention, bytes read and written for
   everything else; the rate is the median over the profiled nodes of that op
-  (priced the same way), and the op's fastest profiled kernel is the floor;
+  whose work is within 4x of this node's; beyond the largest profiled node, the
+  largest one's rate (for memory-bound ops at most the bandwidth the large
+  memory-bound ops reached: a tiny profiled cumsum says nothing about a large
+  one); the op's fastest profiled kernel is the floor;
 - collectives are priced on the comm curves from their output bytes.
 
 Sizes come from the nodes' fake values. A data-dependent size (rows behind one
@@ -116,8 +119,34 @@ def work(node: fx.Node, sizes: Sizes) -> float:
 
 @dataclass(slots=True)
 class _Rate:
-    ms_per_unit: float
+    """Measured (work, ms) samples of one op; prices work by the samples of comparable size."""
+
+    samples: list[tuple[float, float]]
+    """(units, ms), sorted by units."""
     floor_ms: float
+    fallback: float | None = None
+    """ms per unit for work far beyond the largest sample (None: the largest sample's rate)."""
+
+    def ms(self, units: float) -> float:
+        near = [ms / u for u, ms in self.samples if units / _NEAR <= u <= units * _NEAR]
+        if near:
+            rate = statistics.median(near)
+        elif self.samples and units > self.samples[-1][0]:
+            largest_units, largest_ms = self.samples[-1]
+            rate = largest_ms / largest_units
+            if self.fallback is not None:
+                rate = min(rate, self.fallback)
+        elif self.samples:
+            smallest_units, smallest_ms = self.samples[0]
+            rate = smallest_ms / smallest_units
+        else:
+            rate = self.fallback or 0.0
+        return max(units * rate, self.floor_ms)
+
+
+_NEAR = 4.0
+"""Samples within this factor of a node's work price it; beyond the largest, the rate of the largest
+(memory-bound ops: no slower than the bandwidth the large memory-bound ops reached)."""
 
 
 def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[str, _Rate], _Rate]:
@@ -129,13 +158,17 @@ def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[s
         units = work(node, sizes)
         if units > 0:
             samples.setdefault(str(node.target), []).append((units, ms))
-    rates = {op: _Rate(statistics.median(ms / u for u, ms in pts), min(ms for _, ms in pts)) for op, pts in samples.items()}
-    # Ops the profile never saw are priced by bytes moved at the bandwidth the large memory-bound ops reached.
+    # Ops the profile never saw, and memory-bound ops far beyond their samples, are priced by bytes moved at
+    # the bandwidth the large memory-bound ops reached.
     memory = sorted(pt for op, pts in samples.items() if op not in _FLOP_OPS and "scaled_dot" not in op for pt in pts)
     large = memory[len(memory) // 2 :] or [(1.0, 0.0)]
+    bandwidth_rate = sum(ms for _, ms in large) / max(sum(u for u, _ in large), 1.0)
     floor = min((ms for _, ms in memory), default=0.0)
-    default = _Rate(sum(ms for _, ms in large) / max(sum(u for u, _ in large), 1.0), floor)
-    return rates, default
+    rates = {}
+    for op, pts in samples.items():
+        memory_bound = op not in _FLOP_OPS and "scaled_dot" not in op
+        rates[op] = _Rate(sorted(pts), min(ms for _, ms in pts), bandwidth_rate if memory_bound else None)
+    return rates, _Rate([], floor, bandwidth_rate)
 
 
 @dataclass(slots=True)
@@ -177,7 +210,7 @@ class DerivedCostModel:
         if origin in self.profile.node_ms and self._targets.get(origin) == str(node.target):
             base = self.profile.node_ms[origin]
             return base if part is None else max(base / parts, rate.floor_ms)
-        return max(work(node, sizes) * rate.ms_per_unit, rate.floor_ms)
+        return rate.ms(work(node, sizes))
 
     def costs(self, graph: fx.Graph) -> NodeCosts:
         sizes = Sizes(graph, self.rows_per_size)

@@ -82,7 +82,7 @@ class NodeTimer(fx.Interpreter):
         if key not in self._by_key:
             for _ in range(self.warmup):
                 call()
-            self._by_key[key] = self.clock.time_ms(call, self.reps)
+            self._by_key[key] = self.clock.time_ms(call, self.reps, queue_ahead=True)
         self.node_ms[node.name], self.host_ms[node.name] = self._by_key[key]
         self.node_key[node.name] = key
         return result
