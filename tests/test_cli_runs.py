@@ -38,6 +38,12 @@ def test_profile_optimize_bench_pipeline(tmp_path):
     assert all(r["predicted"]["makespan_ms"] > 0 for r in results[:5])
     profile = json.loads((tmp_path / "profile.json").read_text())["profile"]
     assert len(profile["ranks"]) == 2 and all(set(r["node_ms"]) == set(profile["nodes"]) for r in profile["ranks"])
+    for name in profile["offrank_bytes"]:  # what the ranks send to each other is what they receive from each other
+        sent, received = (sum(r["offrank_bytes"][name][i] for r in profile["ranks"]) for i in (0, 1))
+        assert sent == received
+    assert len(profile["offrank_bytes"]) == len([c for c in profile["collectives"].values() if c["kind"] == "all_to_all"])
+    shared = json.loads((tmp_path / "comm.json").read_text())["comm"]["shared_directions"]
+    assert shared is not None and 0.0 <= shared <= 1.0
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert profile["optimizer_ms"] > 0 and plan["predicted"]["after_ms"] == profile["optimizer_ms"]
 

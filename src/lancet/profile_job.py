@@ -10,7 +10,15 @@ from tqdm import tqdm
 from lancet.artifact import write_artifact
 from lancet.capture import capture_step
 from lancet.config import RunConfig
-from lancet.cost.comm import DEFAULT_SIZES, KINDS, CommProfile, measure_contention, measure_issue_ms, sweep
+from lancet.cost.comm import (
+    DEFAULT_SIZES,
+    KINDS,
+    CommProfile,
+    measure_contention,
+    measure_issue_ms,
+    measure_shared_directions,
+    sweep,
+)
 from lancet.cost.profile import profile_graph
 from lancet.dist import rank_runtime
 
@@ -80,6 +88,7 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
             contention=compute_slowdown,
             comm_contention=comm_slowdown,
             issue_ms=measure_issue_ms(runtime.group, runtime.device),
+            shared_directions=measure_shared_directions(runtime.group, runtime.device),
         )
         payload = {"comm": comm.to_json()}
         if runtime.is_main:
@@ -88,7 +97,9 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
             largest, ms = comm.curves["all_to_all"].points[-1]
             Console().print(
                 f"all-to-all of {largest / 2**20:.1f} MiB: {ms:.3f} ms; compute slowdown under comm "
-                f"x{comm.contention:.3f}, comm slowdown under compute x{comm.comm_contention:.3f} -> {out_path}"
+                f"x{comm.contention:.3f}, comm slowdown under compute x{comm.comm_contention:.3f}, directions share "
+                f"the link {comm.shared_directions if comm.shared_directions is None else round(comm.shared_directions, 2)}"
+                f" -> {out_path}"
             )
         return payload
 

@@ -60,11 +60,26 @@ class CommProfile:
     """Collective slowdown while compute runs."""
     issue_ms: float = 0.0
     """Host time to issue one collective (median over the smallest messages)."""
+    shared_directions: float | None = None
+    """How much sending and receiving share one link: 0 full duplex, 1 one shared path; None: not measured."""
 
     def ms(self, kind: str, nbytes: float) -> float:
         if kind not in self.curves:
             raise KeyError(f"the comm profile has no curve for {kind}")
         return self.curves[kind](nbytes)
+
+    def all_to_all_ms(self, sent_off: float, received_off: float, world: int) -> float | None:
+        """Time of an all-to-all by the bytes one rank sends to and receives from other ranks (None: unknown).
+
+        The curve was measured with even splits of B bytes per rank: B (W-1)/W off-rank each way. An
+        uneven all-to-all costs what the even one with the same load on the rank's link costs: the
+        larger direction, plus the smaller one as far as the directions share the link.
+        """
+        if self.shared_directions is None or world < 2:
+            return None
+        share = self.shared_directions
+        load = max(sent_off, received_off) + share * min(sent_off, received_off)
+        return self.ms("all_to_all", load * world / ((1.0 + share) * (world - 1)))
 
     def to_json(self) -> dict:
         return {
@@ -72,6 +87,7 @@ class CommProfile:
             "contention": self.contention,
             "comm_contention": self.comm_contention,
             "issue_ms": self.issue_ms,
+            "shared_directions": self.shared_directions,
         }
 
     @classmethod
@@ -82,6 +98,7 @@ class CommProfile:
             contention=float(data.get("contention", 1.0)),
             comm_contention=float(data.get("comm_contention", 1.0)),
             issue_ms=float(data.get("issue_ms", 0.0)),
+            shared_directions=None if data.get("shared_directions") is None else float(data["shared_directions"]),
         )
 
 
@@ -134,6 +151,42 @@ def sweep(
             if progress is not None:
                 progress()
     return {k: PiecewiseLinear(v) for k, v in curves.items()}
+
+
+def measure_shared_directions(
+    group: dist.ProcessGroup, device: torch.device, nbytes: int = 64 * 2**20, reps: int = 5
+) -> float | None:
+    """How much an all-to-all's two directions share a rank's link, from 0 (full duplex) to 1 (one path).
+
+    Times the even all-to-all of ``nbytes`` per rank against a one-way one with the same off-rank bytes
+    per rank: the first half of the ranks only sends (to the second half), the second half only
+    receives. Full duplex: the same time; one shared path: half. None for an odd or single-rank world.
+    """
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if world < 2 or world % 2:
+        return None
+    time_ms = Clock(device).device_ms
+    even = _collective("all_to_all", nbytes, group, device)
+    offrank = nbytes // 2 * (world - 1) // world  # bf16 elements each rank sends off-rank in the even one
+    half = world // 2
+    per_peer = offrank // half
+    sender = rank < half
+    send_splits = [per_peer if (sender and r >= half) else 0 for r in range(world)]
+    recv_splits = [per_peer if (not sender and r < half) else 0 for r in range(world)]
+    send = torch.zeros(max(sum(send_splits), 1), device=device, dtype=torch.bfloat16)
+    recv = torch.empty(max(sum(recv_splits), 1), device=device, dtype=torch.bfloat16)
+    send_view, recv_view = send[: sum(send_splits)], recv[: sum(recv_splits)]
+    one_way = lambda: dist.all_to_all_single(recv_view, send_view, recv_splits, send_splits, group=group)  # noqa: E731
+    samples = []
+    for call in (even, one_way):
+        call()
+        dist.barrier(group)
+        samples.append(time_ms(call, reps))
+    gathered: list[object] = [None] * world
+    dist.all_gather_object(gathered, samples, group=group)
+    even_ms = max(g[0] for g in gathered)
+    one_way_ms = max(g[1] for g in gathered)
+    return min(max(even_ms / max(one_way_ms, 1e-6) - 1.0, 0.0), 1.0)
 
 
 def measure_contention(group: dist.ProcessGroup, device: torch.device, reps: int = 3) -> tuple[float, float]:

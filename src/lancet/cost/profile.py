@@ -57,9 +57,13 @@ def is_timed(node: fx.Node) -> bool:
 class NodeTimer(fx.Interpreter):
     """Executes a graph once, timing every compute node on its real inputs."""
 
-    def __init__(self, gm: fx.GraphModule, device: torch.device, reps: int, warmup: int) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, device: torch.device, reps: int, warmup: int, rank: int = 0, world: int = 1
+    ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.clock = Clock(device)
+        self.rank, self.world = rank, world
+        self.offrank: dict[str, tuple[int, int]] = {}
         self.reps = reps
         self.warmup = warmup
         self.node_ms: dict[str, float] = {}
@@ -71,6 +75,8 @@ class NodeTimer(fx.Interpreter):
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
         self.out_bytes[node.name] = output_bytes(result)
+        if node_role(node) == Role.COMM_START and collective_kind(node) == "all_to_all":
+            self.offrank[node.name] = self._offrank_bytes(node)
         if node.op != "call_function" or node_role(node) in (Role.COMM_START, Role.COMM_WAIT):
             return result
         args, kwargs = self.fetch_args_kwargs_from_env(node)
@@ -88,6 +94,23 @@ class NodeTimer(fx.Interpreter):
         return result
 
 
+    def _offrank_bytes(self, node: fx.Node) -> tuple[int, int]:
+        """(bytes sent to other ranks, bytes received from them) by this rank in all-to-all ``node``."""
+        args, _ = self.fetch_args_kwargs_from_env(node)
+        tensor, output_splits, input_splits = args[0], args[1], args[2]
+        rows = tensor.shape[0] if tensor.dim() else 1
+        row_bytes = tensor.numel() * tensor.element_size() // max(rows, 1)
+
+        def off(splits, total_rows: int) -> int:
+            if not splits:
+                return total_rows * (self.world - 1) // self.world * row_bytes
+            splits = [int(s) for s in splits]
+            return (sum(splits) - splits[self.rank]) * row_bytes
+
+        received_rows = sum(int(s) for s in output_splits) if output_splits else rows
+        return off(input_splits, rows), off(output_splits, received_rows)
+
+
 @dataclass(slots=True)
 class RankCosts:
     """One rank's medians over passes: device ms and host ms per node, bytes of each collective it started."""
@@ -95,9 +118,12 @@ class RankCosts:
     node_ms: dict[str, float] = field(default_factory=dict)
     host_ms: dict[str, float] = field(default_factory=dict)
     comm_bytes: dict[str, int] = field(default_factory=dict)
+    offrank_bytes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """All-to-all start node -> (bytes sent to other ranks, bytes received from them)."""
 
     def to_json(self) -> dict:
-        return {"node_ms": self.node_ms, "host_ms": self.host_ms, "comm_bytes": self.comm_bytes}
+        return {"node_ms": self.node_ms, "host_ms": self.host_ms, "comm_bytes": self.comm_bytes,
+                "offrank_bytes": {n: list(v) for n, v in self.offrank_bytes.items()}}
 
     @classmethod
     def from_json(cls, data: dict) -> RankCosts:
@@ -105,6 +131,7 @@ class RankCosts:
             node_ms={n: float(v) for n, v in data["node_ms"].items()},
             host_ms={n: float(v) for n, v in data["host_ms"].items()},
             comm_bytes={n: int(v) for n, v in data["comm_bytes"].items()},
+            offrank_bytes={n: (float(v[0]), float(v[1])) for n, v in data.get("offrank_bytes", {}).items()},
         )
 
 
@@ -122,6 +149,10 @@ class ComputeProfile:
     """Collective start node -> bytes it produced on this rank (median over passes and ranks)."""
     comm_kind: dict[str, str] = field(default_factory=dict)
     passes: int = 0
+    offrank_bytes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """All-to-all start node -> (bytes sent to other ranks, bytes received from them), median over passes and
+    ranks; empty in profiles made before this was recorded."""
+    world_size: int = 1
     ranks: list[RankCosts] = field(default_factory=list)
     """Each rank's own medians over passes (rank order); empty for single-process profiles."""
     optimizer_ms: float = 0.0
@@ -144,6 +175,8 @@ class ComputeProfile:
             "collectives": {n: {"kind": self.comm_kind[n], "bytes": b} for n, b in self.comm_bytes.items()},
             "ranks": [r.to_json() for r in self.ranks],
             "optimizer_ms": self.optimizer_ms,
+            "offrank_bytes": {n: list(v) for n, v in self.offrank_bytes.items()},
+            "world_size": self.world_size,
         }
 
     @classmethod
@@ -159,6 +192,8 @@ class ComputeProfile:
             passes=data.get("passes", 0),
             ranks=[RankCosts.from_json(r) for r in data.get("ranks", [])],
             optimizer_ms=float(data.get("optimizer_ms", 0.0)),
+            offrank_bytes={n: (float(v[0]), float(v[1])) for n, v in data.get("offrank_bytes", {}).items()},
+            world_size=int(data.get("world_size", max(len(data.get("ranks", [])), 1))),
         )
 
 
@@ -178,39 +213,43 @@ def profile_graph(
     progress: Callable[[int], None] | None = None,
 ) -> ComputeProfile:
     """Time every compute node over one pass per batch; median over passes, then over ranks."""
-    per_pass_ms, per_pass_host, per_pass_bytes = [], [], []
+    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
+    per_pass: dict[str, list[dict[str, float]]] = {"ms": [], "host": [], "bytes": [], "send": [], "recv": []}
     keys: dict[str, str] = {}
     for i, inputs in enumerate(batches):
-        timer = NodeTimer(gm, device, reps=reps, warmup=warmup)
+        timer = NodeTimer(gm, device, reps=reps, warmup=warmup, rank=rank, world=world)
         with torch.no_grad():
             timer.run(*inputs)
-        per_pass_ms.append(timer.node_ms)
-        per_pass_host.append(timer.host_ms)
-        per_pass_bytes.append({k: float(v) for k, v in timer.out_bytes.items()})
+        per_pass["ms"].append(timer.node_ms)
+        per_pass["host"].append(timer.host_ms)
+        per_pass["bytes"].append({k: float(v) for k, v in timer.out_bytes.items()})
+        per_pass["send"].append({k: float(v[0]) for k, v in timer.offrank.items()})
+        per_pass["recv"].append({k: float(v[1]) for k, v in timer.offrank.items()})
         keys.update(timer.node_key)
         if progress is not None:
             progress(i + 1)
-    node_ms, out_bytes = _median_dicts(per_pass_ms), _median_dicts(per_pass_bytes)
-    host_ms = _median_dicts(per_pass_host)
+    mine = {name: _median_dicts(dicts) for name, dicts in per_pass.items()}
     starts = [n for n in gm.graph.nodes if node_role(n) == Role.COMM_START]
-    ranks: list[RankCosts] = []
-    if group is not None and dist.get_world_size(group) > 1:
-        gathered: list[object] = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, (node_ms, out_bytes, host_ms), group=group)
-        ranks = [
-            RankCosts(g[0], g[2], {n.name: int(g[1].get(n.name, 0)) for n in starts}) for g in gathered
-        ]
-        node_ms = _median_dicts([g[0] for g in gathered])
-        out_bytes = _median_dicts([g[1] for g in gathered])
-        host_ms = _median_dicts([g[2] for g in gathered])
+    gathered = [mine]
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, mine, group=group)
+    offrank = lambda d: {n: (d["send"][n], d["recv"][n]) for n in d["send"]}  # noqa: E731
+    ranks = [
+        RankCosts(g["ms"], g["host"], {n.name: int(g["bytes"].get(n.name, 0)) for n in starts}, offrank(g))
+        for g in gathered
+    ] if world > 1 else []
+    agreed = {name: _median_dicts([g[name] for g in gathered]) for name in mine}
     return ComputeProfile(
         fingerprint=graph_fingerprint(gm.graph),
-        node_ms=node_ms,
-        host_ms=host_ms,
-        node_key={n: keys[n] for n in node_ms},
-        out_bytes={n: int(b) for n, b in out_bytes.items()},
-        comm_bytes={n.name: int(out_bytes.get(n.name, 0)) for n in starts},
+        node_ms=agreed["ms"],
+        host_ms=agreed["host"],
+        node_key={n: keys[n] for n in agreed["ms"]},
+        out_bytes={n: int(b) for n, b in agreed["bytes"].items()},
+        comm_bytes={n.name: int(agreed["bytes"].get(n.name, 0)) for n in starts},
         comm_kind={n.name: collective_kind(n) for n in starts},
         passes=len(batches),
+        offrank_bytes=offrank(agreed),
+        world_size=world,
         ranks=ranks,
     )

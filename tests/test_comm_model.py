@@ -1,0 +1,25 @@
+"""All-to-all pricing by the bytes that cross a rank's link."""
+
+from __future__ import annotations
+
+import pytest
+
+from lancet.cost.comm import CommProfile, PiecewiseLinear
+
+
+def comm(shared: float | None) -> CommProfile:
+    return CommProfile(curves={"all_to_all": PiecewiseLinear([(0.0, 0.0), (1000.0, 10.0)])}, shared_directions=shared)
+
+
+@pytest.mark.parametrize("shared", [0.0, 0.5, 1.0])
+def test_even_all_to_all_costs_what_the_curve_says(shared):
+    world, per_rank = 4, 800.0
+    off = per_rank * (world - 1) / world
+    assert comm(shared).all_to_all_ms(off, off, world) == pytest.approx(8.0)
+
+
+def test_one_way_traffic_costs_half_on_a_shared_link_and_the_same_on_a_duplex_one():
+    world, off = 2, 400.0  # the even all-to-all of 800 bytes per rank moves 400 off-rank each way
+    assert comm(0.0).all_to_all_ms(off, 0.0, world) == pytest.approx(8.0)
+    assert comm(1.0).all_to_all_ms(off, 0.0, world) == pytest.approx(4.0)
+    assert comm(None).all_to_all_ms(off, 0.0, world) is None  # not measured: priced by bytes received
