@@ -8,13 +8,14 @@ derives for them. This model prices them without running anything:
   original's time divided by its number of parts, but never less than the
   fastest kernel of that op (small kernels do not get faster when split);
   a whole copy costs the original's time; host issue time is the original's;
-- any other node costs its work times the op's measured rate: floating-point
-  operations for matrix products and attention, bytes read and written for
-  everything else; the rate is the median over the profiled nodes of that op
-  whose work is within 4x of this node's; beyond the largest profiled node, the
-  largest one's rate (for memory-bound ops at most the bandwidth the large
+- any other node is priced from its work: floating-point operations for
+  matrix products and attention, bytes read and written for everything else;
+  its time is interpolated linearly between the profiled nodes of that op with
+  the nearest smaller and larger work; beyond the largest, at the largest one's
+  rate (for memory-bound ops far beyond it, at most at the bandwidth the large
   memory-bound ops reached: a tiny profiled cumsum says nothing about a large
-  one); the op's fastest profiled kernel is the floor;
+  one); the op's fastest profiled kernel is the floor; ops never profiled are
+  priced by bytes at that bandwidth;
 - collectives are priced on the comm curves from their output bytes.
 
 Sizes come from the nodes' fake values. A data-dependent size (rows behind one
@@ -24,6 +25,7 @@ parts of the partition that made it.
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from dataclasses import dataclass, field
 
@@ -46,8 +48,8 @@ class Sizes:
             value = node.meta.get("val")
             if isinstance(value, torch.SymInt):
                 parts = node.meta.get("custom", {}).get("parts") or 1
-                for symbol in value.node.expr.free_symbols:
-                    self.parts_of[symbol] = parts
+                for symbol in value.node.expr.free_symbols:  # later (backward) uses carry no part marks
+                    self.parts_of[symbol] = max(self.parts_of.get(symbol, 1), parts)
 
     def dim(self, size) -> float:
         if isinstance(size, int):
@@ -119,34 +121,43 @@ def work(node: fx.Node, sizes: Sizes) -> float:
 
 @dataclass(slots=True)
 class _Rate:
-    """Measured (work, ms) samples of one op; prices work by the samples of comparable size."""
+    """Measured (work, ms) samples of one op; prices work between them by linear interpolation."""
 
     samples: list[tuple[float, float]]
-    """(units, ms), sorted by units."""
+    """(units, ms): the median ms per distinct units, sorted by units."""
     floor_ms: float
-    fallback: float | None = None
-    """ms per unit for work far beyond the largest sample (None: the largest sample's rate)."""
+    bandwidth_rate: float | None = None
+    """ms per unit for memory-bound work far beyond the largest sample (None: the largest sample's rate)."""
+
+    @classmethod
+    def of(cls, points: list[tuple[float, float]], bandwidth_rate: float | None) -> _Rate:
+        by_units: dict[float, list[float]] = {}
+        for units, ms in points:
+            by_units.setdefault(units, []).append(ms)
+        samples = sorted((u, statistics.median(v)) for u, v in by_units.items())
+        return cls(samples, min(ms for _, ms in points), bandwidth_rate)
 
     def ms(self, units: float) -> float:
-        near = [ms / u for u, ms in self.samples if units / _NEAR <= u <= units * _NEAR]
-        if near:
-            rate = statistics.median(near)
-        elif self.samples and units > self.samples[-1][0]:
-            largest_units, largest_ms = self.samples[-1]
-            rate = largest_ms / largest_units
-            if self.fallback is not None:
-                rate = min(rate, self.fallback)
-        elif self.samples:
-            smallest_units, smallest_ms = self.samples[0]
-            rate = smallest_ms / smallest_units
-        else:
-            rate = self.fallback or 0.0
-        return max(units * rate, self.floor_ms)
+        if not self.samples:
+            return max(units * (self.bandwidth_rate or 0.0), self.floor_ms)
+        xs = [u for u, _ in self.samples]
+        i = bisect.bisect_left(xs, units)
+        if i == 0:
+            u0, ms0 = self.samples[0]
+            return max(ms0 * units / u0, self.floor_ms)
+        if i == len(xs):
+            u1, ms1 = self.samples[-1]
+            rate = ms1 / u1
+            if self.bandwidth_rate is not None and units > _FAR * u1:
+                rate = min(rate, self.bandwidth_rate)  # a tiny profiled cumsum says nothing about a large one
+            return max(units * rate, self.floor_ms)
+        (u0, ms0), (u1, ms1) = self.samples[i - 1], self.samples[i]
+        return max(ms0 + (ms1 - ms0) * (units - u0) / (u1 - u0), self.floor_ms)
 
 
-_NEAR = 4.0
-"""Samples within this factor of a node's work price it; beyond the largest, the rate of the largest
-(memory-bound ops: no slower than the bandwidth the large memory-bound ops reached)."""
+_FAR = 4.0
+"""Memory-bound work more than this many times the largest profiled node of its op is priced at no more
+than the bandwidth the large memory-bound ops reached."""
 
 
 def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[str, _Rate], _Rate]:
@@ -167,7 +178,7 @@ def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[s
     rates = {}
     for op, pts in samples.items():
         memory_bound = op not in _FLOP_OPS and "scaled_dot" not in op
-        rates[op] = _Rate(sorted(pts), min(ms for _, ms in pts), bandwidth_rate if memory_bound else None)
+        rates[op] = _Rate.of(pts, bandwidth_rate if memory_bound else None)
     return rates, _Rate([], floor, bandwidth_rate)
 
 
