@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benches of every variant (issue: partition + pipelining) on the GPUs present.
+# Side-by-side benches of every variant (partition + pipelining included) on the GPUs present.
 # Usage: bash scripts/gpu/partition_results.sh 1   (profile, comm curves, then plans and benches for NETS, default nvlink)
 #        bash scripts/gpu/partition_results.sh 2   (plans and benches for NETS, default "ib100 ib400"; reads part 1's
 #                                                   files from /tmp/results_1 when this machine ran part 1, else .results)
