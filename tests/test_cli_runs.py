@@ -42,6 +42,7 @@ def test_profile_optimize_bench_pipeline(tmp_path):
         sent, received = (sum(r["offrank_bytes"][name][i] for r in profile["ranks"]) for i in (0, 1))
         assert sent == received
     assert len(profile["offrank_bytes"]) == len([c for c in profile["collectives"].values() if c["kind"] == "all_to_all"])
+    assert set(profile["comm_ms"]) == set(profile["collectives"]) and all(v > 0 for v in profile["comm_ms"].values())
     shared = json.loads((tmp_path / "comm.json").read_text())["comm"]["shared_directions"]
     assert shared is not None and 0.0 <= shared <= 1.0
     plan = json.loads((tmp_path / "plan.json").read_text())

@@ -23,3 +23,23 @@ def test_one_way_traffic_costs_half_on_a_shared_link_and_the_same_on_a_duplex_on
     assert comm(0.0).all_to_all_ms(off, 0.0, world) == pytest.approx(8.0)
     assert comm(1.0).all_to_all_ms(off, 0.0, world) == pytest.approx(4.0)
     assert comm(None).all_to_all_ms(off, 0.0, world) is None  # not measured: priced by bytes received
+
+
+def test_measured_collectives_price_the_graph_and_scale_the_curve_for_new_ones():
+    from lancet.cost.estimate import comm_scale
+    from lancet.cost.model import ProfiledCostModel
+    from lancet.cost.profile import ComputeProfile
+    from tests.graphs import two_layer_backward
+
+    tg = two_layer_backward()
+    curve = comm(None)  # 10 ms per 1000 bytes
+    profile = ComputeProfile(
+        fingerprint="",
+        comm_bytes={"a2a_1": 400, "a2a_2": 800},
+        comm_kind={"a2a_1": "all_to_all", "a2a_2": "all_to_all"},
+        comm_ms={"a2a_1": 2.0, "a2a_2": 4.0},  # measured: half of what the curve says
+    )
+    costs = ProfiledCostModel(profile, curve, model_host=False).costs(tg.graph)
+    nodes = {n.name: n for n in tg.graph.nodes}
+    assert costs.comm(nodes["a2a_1"]) == 2.0 and costs.comm(nodes["a2a_2"]) == 4.0
+    assert comm_scale(profile, curve) == {"all_to_all": pytest.approx(0.5)}

@@ -16,7 +16,9 @@ derives for them. This model prices them without running anything:
   memory-bound ops reached: a tiny profiled cumsum says nothing about a large
   one); the op's fastest profiled kernel is the floor; ops never profiled are
   priced by bytes at that bandwidth;
-- collectives are priced on the comm curves from their output bytes.
+- collectives are priced on the comm curves from their output bytes, scaled
+  per kind by how the profiled graph's measured collectives compared with the
+  curves (median of measured / curve over collectives of at least 0.05 ms).
 
 Sizes come from the nodes' fake values. A data-dependent size (rows behind one
 all-to-all split) is taken as the profiled average, divided by the number of
@@ -196,8 +198,11 @@ class DerivedCostModel:
     _default: _Rate | None = None
     _targets: dict[str, str] = field(default_factory=dict)
 
+    _comm_scale: dict[str, float] = field(default_factory=dict)
+
     def __post_init__(self) -> None:
         self._rates, self._default = _fit(self.profile, self.source_graph, Sizes(self.source_graph, self.rows_per_size))
+        self._comm_scale = comm_scale(self.profile, self.comm)
         self._targets = {n.name: str(n.target) for n in self.source_graph.nodes if n.op == "call_function"}
 
     @staticmethod
@@ -240,10 +245,24 @@ class DerivedCostModel:
             if host and origin in host:
                 out.host_ms[node.name] = host[origin]
             if node_role(node) == Role.COMM_START:
-                out.comm_ms[node.name] = self.comm.ms(collective_kind(node), nbytes)
+                kind = collective_kind(node)
+                out.comm_ms[node.name] = self.comm.ms(kind, nbytes) * self._comm_scale.get(kind, 1.0)
             elif is_timed(node) and not is_view(node):
                 out.compute_ms[node.name] = self._compute_ms(node, sizes, partitioned)
         return out
+
+
+def comm_scale(profile: ComputeProfile, comm: CommProfile, min_ms: float = 0.05) -> dict[str, float]:
+    """Per collective kind: median of measured time over curve time across the profiled graph's collectives."""
+    ratios: dict[str, list[float]] = {}
+    for name, measured in profile.comm_ms.items():
+        kind, nbytes = profile.comm_kind.get(name), profile.comm_bytes.get(name)
+        if kind is None or nbytes is None or kind not in comm.curves:
+            continue
+        curve = comm.ms(kind, nbytes)
+        if curve >= min_ms and measured > 0:
+            ratios.setdefault(kind, []).append(measured / curve)
+    return {kind: statistics.median(r) for kind, r in ratios.items()}
 
 
 def expected_rows(profile: ComputeProfile, graph: fx.Graph) -> float:

@@ -91,9 +91,11 @@ class ProfiledCostModel:
     Compute nodes take their measured time by name; collectives are priced
     from their measured bytes on the comm curves. Nodes the profile does not
     name cost 0 and are listed in ``unpriced``. A profile of several ranks also
-    gives every rank's own costs (``NodeCosts.ranks``). All-to-alls are priced by
-    the bytes each rank sends to and receives from other ranks when the profiles
-    have them (``CommProfile.all_to_all_ms``), else by the bytes received.
+    gives every rank's own costs (``NodeCosts.ranks``). Collectives take their
+    time measured in the profile when it has one; otherwise all-to-alls are
+    priced by the bytes each rank sends to and receives from other ranks when
+    the profiles have them (``CommProfile.all_to_all_ms``), else by the bytes
+    received.
     """
 
     profile: "ComputeProfile"  # noqa: F821 (lancet.cost.profile)
@@ -108,13 +110,16 @@ class ProfiledCostModel:
         """The agreed (median) costs, with each rank's own costs in ``ranks`` when the profile has them."""
         self.unpriced = []
         p = self.profile
-        out = self._priced(graph, p.node_ms, p.host_ms, p.comm_bytes, p.offrank_bytes, self.unpriced)
+        out = self._priced(graph, p.node_ms, p.host_ms, p.comm_bytes, p.offrank_bytes, p.comm_ms, self.unpriced)
         if self.per_rank:
-            out.ranks = [self._priced(graph, r.node_ms, r.host_ms, r.comm_bytes, r.offrank_bytes, []) for r in p.ranks]
+            out.ranks = [
+                self._priced(graph, r.node_ms, r.host_ms, r.comm_bytes, r.offrank_bytes, r.comm_ms, []) for r in p.ranks
+            ]
         return out
 
     def _priced(
-        self, graph: fx.Graph, node_ms: dict, host_ms: dict, comm_bytes: dict, offrank: dict, unpriced: list[str]
+        self, graph: fx.Graph, node_ms: dict, host_ms: dict, comm_bytes: dict, offrank: dict, comm_ms: dict,
+        unpriced: list[str],
     ) -> NodeCosts:
         import statistics
 
@@ -137,10 +142,12 @@ class ProfiledCostModel:
                     unpriced.append(node.name)
                     continue
                 kind = collective_kind(node)
-                by_link = None
-                if kind == "all_to_all" and node.name in offrank:
-                    by_link = self.comm.all_to_all_ms(*offrank[node.name], self.profile.world_size)
-                out.comm_ms[node.name] = by_link if by_link is not None else self.comm.ms(kind, nbytes)
+                modelled = None
+                if node.name in comm_ms:
+                    modelled = comm_ms[node.name]
+                elif kind == "all_to_all" and node.name in offrank:
+                    modelled = self.comm.all_to_all_ms(*offrank[node.name], self.profile.world_size)
+                out.comm_ms[node.name] = modelled if modelled is not None else self.comm.ms(kind, nbytes)
             elif node.op == "call_function" and is_timed(node):
                 ms = node_ms.get(node.name)
                 if ms is None:

@@ -55,15 +55,25 @@ def is_timed(node: fx.Node) -> bool:
 
 
 class NodeTimer(fx.Interpreter):
-    """Executes a graph once, timing every compute node on its real inputs."""
+    """Executes a graph once, timing every compute node on its real inputs.
+
+    With a process group of several ranks, every collective is timed too: all
+    ranks run the same graph, so they reach each collective in the same order;
+    a barrier lines them up, then the collective (and its wait) runs ``reps``
+    times on its real inputs.
+    """
 
     def __init__(
-        self, gm: fx.GraphModule, device: torch.device, reps: int, warmup: int, rank: int = 0, world: int = 1
+        self, gm: fx.GraphModule, device: torch.device, reps: int, warmup: int,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__(gm, garbage_collect_values=True)
         self.clock = Clock(device)
-        self.rank, self.world = rank, world
+        self.group = group if group is not None and dist.get_world_size(group) > 1 else None
+        self.rank = dist.get_rank(group) if self.group is not None else 0
+        self.world = dist.get_world_size(group) if self.group is not None else 1
         self.offrank: dict[str, tuple[int, int]] = {}
+        self.comm_ms: dict[str, float] = {}
         self.reps = reps
         self.warmup = warmup
         self.node_ms: dict[str, float] = {}
@@ -75,8 +85,11 @@ class NodeTimer(fx.Interpreter):
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
         self.out_bytes[node.name] = output_bytes(result)
-        if node_role(node) == Role.COMM_START and collective_kind(node) == "all_to_all":
-            self.offrank[node.name] = self._offrank_bytes(node)
+        if node_role(node) == Role.COMM_START:
+            if collective_kind(node) == "all_to_all":
+                self.offrank[node.name] = self._offrank_bytes(node)
+            if self.group is not None:
+                self.comm_ms[node.name] = self._collective_ms(node)
         if node.op != "call_function" or node_role(node) in (Role.COMM_START, Role.COMM_WAIT):
             return result
         args, kwargs = self.fetch_args_kwargs_from_env(node)
@@ -93,6 +106,20 @@ class NodeTimer(fx.Interpreter):
         self.node_key[node.name] = key
         return result
 
+
+    def _collective_ms(self, node: fx.Node) -> float:
+        """Device time of collective ``node`` and its wait, ranks lined up by a barrier first."""
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+
+        def call() -> None:
+            out = node.target(*args, **kwargs)
+            for tensor in out if isinstance(out, (list, tuple)) else [out]:
+                torch.ops._c10d_functional.wait_tensor.default(tensor)
+
+        for _ in range(self.warmup):
+            call()
+        dist.barrier(self.group)
+        return self.clock.device_ms(call, self.reps)
 
     def _offrank_bytes(self, node: fx.Node) -> tuple[int, int]:
         """(bytes sent to other ranks, bytes received from them) by this rank in all-to-all ``node``."""
@@ -120,10 +147,12 @@ class RankCosts:
     comm_bytes: dict[str, int] = field(default_factory=dict)
     offrank_bytes: dict[str, tuple[float, float]] = field(default_factory=dict)
     """All-to-all start node -> (bytes sent to other ranks, bytes received from them)."""
+    comm_ms: dict[str, float] = field(default_factory=dict)
+    """Collective start node -> its measured time on the real group."""
 
     def to_json(self) -> dict:
         return {"node_ms": self.node_ms, "host_ms": self.host_ms, "comm_bytes": self.comm_bytes,
-                "offrank_bytes": {n: list(v) for n, v in self.offrank_bytes.items()}}
+                "offrank_bytes": {n: list(v) for n, v in self.offrank_bytes.items()}, "comm_ms": self.comm_ms}
 
     @classmethod
     def from_json(cls, data: dict) -> RankCosts:
@@ -132,6 +161,7 @@ class RankCosts:
             host_ms={n: float(v) for n, v in data["host_ms"].items()},
             comm_bytes={n: int(v) for n, v in data["comm_bytes"].items()},
             offrank_bytes={n: (float(v[0]), float(v[1])) for n, v in data.get("offrank_bytes", {}).items()},
+            comm_ms={n: float(v) for n, v in data.get("comm_ms", {}).items()},
         )
 
 
@@ -153,6 +183,9 @@ class ComputeProfile:
     """All-to-all start node -> (bytes sent to other ranks, bytes received from them), median over passes and
     ranks; empty in profiles made before this was recorded."""
     world_size: int = 1
+    comm_ms: dict[str, float] = field(default_factory=dict)
+    """Collective start node -> measured time on the real group (median over passes and ranks); empty for
+    single-process profiles and profiles made before collectives were timed."""
     ranks: list[RankCosts] = field(default_factory=list)
     """Each rank's own medians over passes (rank order); empty for single-process profiles."""
     optimizer_ms: float = 0.0
@@ -177,6 +210,7 @@ class ComputeProfile:
             "optimizer_ms": self.optimizer_ms,
             "offrank_bytes": {n: list(v) for n, v in self.offrank_bytes.items()},
             "world_size": self.world_size,
+            "comm_ms": self.comm_ms,
         }
 
     @classmethod
@@ -194,6 +228,7 @@ class ComputeProfile:
             optimizer_ms=float(data.get("optimizer_ms", 0.0)),
             offrank_bytes={n: (float(v[0]), float(v[1])) for n, v in data.get("offrank_bytes", {}).items()},
             world_size=int(data.get("world_size", max(len(data.get("ranks", [])), 1))),
+            comm_ms={n: float(v) for n, v in data.get("comm_ms", {}).items()},
         )
 
 
@@ -213,11 +248,13 @@ def profile_graph(
     progress: Callable[[int], None] | None = None,
 ) -> ComputeProfile:
     """Time every compute node over one pass per batch; median over passes, then over ranks."""
-    rank, world = (dist.get_rank(group), dist.get_world_size(group)) if group is not None else (0, 1)
-    per_pass: dict[str, list[dict[str, float]]] = {"ms": [], "host": [], "bytes": [], "send": [], "recv": []}
+    world = dist.get_world_size(group) if group is not None else 1
+    per_pass: dict[str, list[dict[str, float]]] = {
+        "ms": [], "host": [], "bytes": [], "send": [], "recv": [], "comm": []
+    }
     keys: dict[str, str] = {}
     for i, inputs in enumerate(batches):
-        timer = NodeTimer(gm, device, reps=reps, warmup=warmup, rank=rank, world=world)
+        timer = NodeTimer(gm, device, reps=reps, warmup=warmup, group=group)
         with torch.no_grad():
             timer.run(*inputs)
         per_pass["ms"].append(timer.node_ms)
@@ -225,6 +262,7 @@ def profile_graph(
         per_pass["bytes"].append({k: float(v) for k, v in timer.out_bytes.items()})
         per_pass["send"].append({k: float(v[0]) for k, v in timer.offrank.items()})
         per_pass["recv"].append({k: float(v[1]) for k, v in timer.offrank.items()})
+        per_pass["comm"].append(timer.comm_ms)
         keys.update(timer.node_key)
         if progress is not None:
             progress(i + 1)
@@ -236,7 +274,7 @@ def profile_graph(
         dist.all_gather_object(gathered, mine, group=group)
     offrank = lambda d: {n: (d["send"][n], d["recv"][n]) for n in d["send"]}  # noqa: E731
     ranks = [
-        RankCosts(g["ms"], g["host"], {n.name: int(g["bytes"].get(n.name, 0)) for n in starts}, offrank(g))
+        RankCosts(g["ms"], g["host"], {n.name: int(g["bytes"].get(n.name, 0)) for n in starts}, offrank(g), g["comm"])
         for g in gathered
     ] if world > 1 else []
     agreed = {name: _median_dicts([g[name] for g in gathered]) for name in mine}
@@ -251,5 +289,6 @@ def profile_graph(
         passes=len(batches),
         offrank_bytes=offrank(agreed),
         world_size=world,
+        comm_ms=agreed["comm"],
         ranks=ranks,
     )
