@@ -176,20 +176,32 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]
-        results = [_run_variant(v, run, session, plan, opts, initial) for v in opts.variants]
-        if plan is not None:
-            for r in results:
-                if r.variant in PLAN_VARIANTS:
-                    r.predicted = plan.variant(r.variant).predicted
-                elif r.variant in BASE_VARIANTS:
-                    r.predicted = plan.predicted
+        console = Console(width=160)
+        results: list[VariantResult] = []
+        for i, variant in enumerate(opts.variants, 1):
+            begin = time.perf_counter()
+            result = _run_variant(variant, run, session, plan, opts, initial)
+            if plan is not None and variant in PLAN_VARIANTS:
+                result.predicted = plan.variant(variant).predicted
+            elif plan is not None and variant in BASE_VARIANTS:
+                result.predicted = plan.predicted
+            results.append(result)
+            if runtime.is_main:
+                console.print(f"[{i}/{len(opts.variants)}] {variant}: {result.step_ms:.2f} ms per step "
+                              f"({time.perf_counter() - begin:.0f} s with capture, warm-up and profiling)")
+                if opts.json_path:  # after every variant, so a run cut short keeps what it measured
+                    _write_json(opts.json_path, run, runtime.world_size, [r.to_json() for r in results])
         rows = [r.to_json() for r in results]
         if runtime.is_main:
-            print_table(rows, run, Console(width=160))
-            if opts.json_path:
-                with open(opts.json_path, "w") as f:
-                    json.dump({"run": run.to_dict(), "world_size": runtime.world_size, "results": rows}, f, indent=1)
+            print_table(rows, run, console)
         return rows
+
+
+def _write_json(path: str, run: RunConfig, world_size: int, rows: list[dict]) -> None:
+    partial = Path(path).with_name(Path(path).name + ".part")
+    with open(partial, "w") as f:
+        json.dump({"run": run.to_dict(), "world_size": world_size, "results": rows}, f, indent=1)
+    partial.replace(path)
 
 
 def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
