@@ -14,6 +14,10 @@ inside its window runs up to ``comm_contention`` times slower.
     comm            |====a2a====|
                                 ^ wait(a2a) blocks the compute lane
 
+With each rank's own costs, every rank runs its own lanes; a collective starts
+when the last rank reaches it and lasts as long as the slowest rank's share,
+so a rank with more work (more tokens for its experts) makes the others wait.
+
 Outputs: makespan, exposed communication (communication time not covered by
 compute), the peak of live tensor bytes of the order, and a Chrome trace.
 """
@@ -211,14 +215,13 @@ class _Rank:
         else:
             self.ready[node] = 0.0 if role == Role.INPUT else self.compute_free
 
-    def finish(self, graph: fx.Graph) -> Timeline:
+    def finish(self) -> Timeline:
         timeline = self.timeline
         timeline.makespan_ms = max(self.compute_free, self.comm_free, self.host)
         timeline.compute_ms = total_length(self.compute_ivs)
         timeline.comm_ms = total_length(self.comm_busy)
         timeline.exposed_comm_ms = total_length(subtract(self.comm_busy, self.compute_ivs))
         timeline.exposed_a2a_ms = total_length(subtract(self.a2a_ivs, self.compute_ivs))
-        timeline.peak_live_bytes = peak_live_bytes(graph, self.costs.out_bytes)
         return timeline
 
 
@@ -242,8 +245,9 @@ def simulate(graph: fx.Graph, costs: NodeCosts) -> Timeline:
         else:
             for rank in ranks:
                 rank.local(node, role)
-    timelines = [rank.finish(graph) for rank in ranks]
-    return max(timelines, key=lambda t: t.makespan_ms)
+    last = max((rank.finish() for rank in ranks), key=lambda t: t.makespan_ms)
+    last.peak_live_bytes = peak_live_bytes(graph, costs.out_bytes)
+    return last
 
 
 def _storage_root(node: fx.Node) -> fx.Node:
