@@ -4,9 +4,12 @@ The graph runs through an interpreter on real batches. Each compute node that
 launches work is re-run ``reps`` times back to back on its real inputs and
 timed (CUDA events on the GPU, the host clock on the CPU), after ``warmup``
 untimed runs; nodes with the same op, shapes and dtypes are measured once per
-pass. Several passes over different batches give a median per node. Every rank
-measures and the ranks agree on one table (median across ranks), so every rank
-later derives the same plan.
+pass. Collectives are timed on the real group with their real split sizes, and
+each all-to-all's off-rank bytes are recorded. Several passes over different
+batches give a median per node. Every rank measures and the ranks agree on one
+table (median across ranks), so every rank later derives the same plan; each
+rank's own medians are kept beside it (the simulator models rank skew with
+them).
 """
 
 from __future__ import annotations
@@ -105,7 +108,6 @@ class NodeTimer(fx.Interpreter):
         self.node_ms[node.name], self.host_ms[node.name] = self._by_key[key]
         self.node_key[node.name] = key
         return result
-
 
     def _collective_ms(self, node: fx.Node) -> float:
         """Device time of collective ``node`` and its wait, ranks lined up by a barrier first."""
