@@ -233,6 +233,18 @@ def print_prediction(result: OptimizeResult, console: Console) -> None:
     if lancet.partition is not None:
         regions = ", ".join(f"{r.start}..{r.end} x{r.parts}" for r in lancet.partition.regions)
         console.print(f"partitioned ranges: {regions}")
+    selection = plan.selection
+    if "base_forward_ms" in selection and selection["forward_ms"] >= selection["base_forward_ms"]:
+        console.print(f"range search: no range shortens the simulated forward ({selection['base_forward_ms']:.2f} ms)")
+    elif "base_forward_ms" in selection:
+        line = (f"range search: forward {selection['base_forward_ms']:.2f} -> {selection['forward_ms']:.2f} ms "
+                f"with the chosen ranges")
+        whole = selection.get("whole_step_ms")
+        if whole:
+            line += (f"; whole step (estimated pricing) captured {whole['captured']:.2f}, partitioned "
+                     f"{whole['lancet-part']:.2f}, lancet-dw {whole['lancet-dw']:.2f}, partitioned + order "
+                     f"{whole['partition+order']:.2f} ms")
+        console.print(line)
     dw = plan.variants["lancet-dw"].dw
     if dw is not None:
         console.print(f"lancet-dw: dW nodes moved into all-to-all windows: {dw.num_moved}")
