@@ -21,7 +21,7 @@ from rich.table import Table
 from lancet.artifact import ArtifactMismatch, read_artifact
 from lancet.capture import capture_step
 from lancet.cost.comm import CommProfile
-from lancet.cost.estimate import DerivedCostModel, expected_rows
+from lancet.cost.estimate import DerivedCostModel
 from lancet.cost.model import ProfiledCostModel
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
 from lancet.optimize import fake_process_group, step_for_profile
@@ -51,7 +51,7 @@ def check(profile_path: str, tutel_path: str, comm_path: str, console: Console, 
         graph = tutel_graph(step, tokens, targets, parts).graph
         if graph_fingerprint(graph) != measured.fingerprint:
             raise ArtifactMismatch("the tutel step rebuilt here is not the profiled one")
-        derived = DerivedCostModel(base, comm, captured.graph, expected_rows(base, captured.graph), model_host=model_host)
+        derived = DerivedCostModel.of_captured(base, comm, captured.graph, model_host)
         estimate = derived.costs(graph)
         truth = ProfiledCostModel(measured, comm, model_host=model_host).costs(graph)
         phase = lambda n: n.meta.get("custom", {}).get("phase", "other")  # noqa: E731

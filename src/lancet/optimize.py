@@ -24,7 +24,7 @@ from lancet.artifact import ArtifactMismatch, identity_from_json, read_artifact
 from lancet.capture import capture_forward, capture_step, capture_step_from_forward
 from lancet.config import ModelSpec
 from lancet.cost.comm import CommProfile
-from lancet.cost.estimate import DerivedCostModel, expected_rows
+from lancet.cost.estimate import DerivedCostModel
 from lancet.cost.model import ProfiledCostModel
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
 from lancet.data import BatchSource
@@ -118,13 +118,7 @@ def optimize(
                 f"the graph captured here ({fingerprint}) is not the profiled graph ({profile.fingerprint}); "
                 "optimize with the same lancet and torch on the same kind of device"
             )
-        derived = DerivedCostModel(
-            profile=profile,
-            comm=comm,
-            source_graph=captured.graph,
-            rows_per_size=expected_rows(profile, captured.graph),
-            model_host=model_host,
-        )
+        derived = DerivedCostModel.of_captured(profile, comm, captured.graph, model_host)
         # The partitioned step is priced by the derived model, so the unpartitioned orders it competes
         # with are priced that way too (before and after the order passes, on the same graph).
         derived_ms = lambda: simulate(captured.graph, derived.costs(captured.graph)).makespan_ms  # noqa: E731

@@ -142,12 +142,11 @@ class _Rate:
     def ms(self, units: float) -> float:
         if not self.samples:
             return max(units * (self.bandwidth_rate or 0.0), self.floor_ms)
-        xs = [u for u, _ in self.samples]
-        i = bisect.bisect_left(xs, units)
+        i = bisect.bisect_left(self.samples, units, key=lambda sample: sample[0])
         if i == 0:
             u0, ms0 = self.samples[0]
             return max(ms0 * units / u0, self.floor_ms)
-        if i == len(xs):
+        if i == len(self.samples):
             u1, ms1 = self.samples[-1]
             rate = ms1 / u1
             if self.bandwidth_rate is not None and units > _FAR * u1:
@@ -199,6 +198,13 @@ class DerivedCostModel:
     _targets: dict[str, str] = field(default_factory=dict)
 
     _comm_scale: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def of_captured(
+        cls, profile: ComputeProfile, comm: CommProfile, captured: fx.Graph, model_host: bool
+    ) -> DerivedCostModel:
+        """The model for rewrites of ``captured``, the graph ``profile`` was measured on."""
+        return cls(profile, comm, captured, expected_rows(profile, captured), model_host=model_host)
 
     def __post_init__(self) -> None:
         self._rates, self._default = _fit(self.profile, self.source_graph, Sizes(self.source_graph, self.rows_per_size))

@@ -140,6 +140,14 @@ class NodeTimer(fx.Interpreter):
         return off(input_splits, rows), off(output_splits, received_rows)
 
 
+def _pairs_to_json(pairs: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
+    return {n: list(v) for n, v in pairs.items()}
+
+
+def _pairs_from_json(data: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    return {n: (float(v[0]), float(v[1])) for n, v in data.items()}
+
+
 @dataclass(slots=True)
 class RankCosts:
     """One rank's medians over passes: device ms and host ms per node, bytes of each collective it started."""
@@ -154,7 +162,7 @@ class RankCosts:
 
     def to_json(self) -> dict:
         return {"node_ms": self.node_ms, "host_ms": self.host_ms, "comm_bytes": self.comm_bytes,
-                "offrank_bytes": {n: list(v) for n, v in self.offrank_bytes.items()}, "comm_ms": self.comm_ms}
+                "offrank_bytes": _pairs_to_json(self.offrank_bytes), "comm_ms": self.comm_ms}
 
     @classmethod
     def from_json(cls, data: dict) -> RankCosts:
@@ -162,7 +170,7 @@ class RankCosts:
             node_ms={n: float(v) for n, v in data["node_ms"].items()},
             host_ms={n: float(v) for n, v in data["host_ms"].items()},
             comm_bytes={n: int(v) for n, v in data["comm_bytes"].items()},
-            offrank_bytes={n: (float(v[0]), float(v[1])) for n, v in data.get("offrank_bytes", {}).items()},
+            offrank_bytes=_pairs_from_json(data.get("offrank_bytes", {})),
             comm_ms={n: float(v) for n, v in data.get("comm_ms", {}).items()},
         )
 
@@ -210,7 +218,7 @@ class ComputeProfile:
             "collectives": {n: {"kind": self.comm_kind[n], "bytes": b} for n, b in self.comm_bytes.items()},
             "ranks": [r.to_json() for r in self.ranks],
             "optimizer_ms": self.optimizer_ms,
-            "offrank_bytes": {n: list(v) for n, v in self.offrank_bytes.items()},
+            "offrank_bytes": _pairs_to_json(self.offrank_bytes),
             "world_size": self.world_size,
             "comm_ms": self.comm_ms,
         }
@@ -228,7 +236,7 @@ class ComputeProfile:
             passes=data.get("passes", 0),
             ranks=[RankCosts.from_json(r) for r in data.get("ranks", [])],
             optimizer_ms=float(data.get("optimizer_ms", 0.0)),
-            offrank_bytes={n: (float(v[0]), float(v[1])) for n, v in data.get("offrank_bytes", {}).items()},
+            offrank_bytes=_pairs_from_json(data.get("offrank_bytes", {})),
             world_size=int(data.get("world_size", max(len(data.get("ranks", [])), 1))),
             comm_ms={n: float(v) for n, v in data.get("comm_ms", {}).items()},
         )
