@@ -31,10 +31,11 @@ def test_profile_optimize_bench_pipeline(tmp_path):
     lancet("optimize", "--profile", "profile.json", "--comm", "comm.json", "--out", "plan.json", cwd=tmp_path)
     variants = ["eager", "captured", "lancet-dw", "lancet-part", "lancet", "tutel-d2"]
     lancet("bench", *model, "--variants", ",".join(variants), "--plan", "plan.json", "--steps", "2",
-           "--warmup", "1", "--profile-steps", "1", "--json", "bench.json", cwd=tmp_path)
+           "--warmup", "1", "--profile-steps", "1", "--rounds", "2", "--json", "bench.json", cwd=tmp_path)
     results = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [r["variant"] for r in results] == variants
     assert all(r["step_ms"] > 0 and r["trace"]["steps"] == 1 for r in results)
+    assert all(len(r["round_ms"]) == 2 and min(r["round_ms"]) > 0 for r in results)
     assert all(r["predicted"]["makespan_ms"] > 0 for r in results[:5])
     profile = json.loads((tmp_path / "profile.json").read_text())["profile"]
     assert len(profile["ranks"]) == 2 and all(set(r["node_ms"]) == set(profile["nodes"]) for r in profile["ranks"])

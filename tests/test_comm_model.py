@@ -43,3 +43,27 @@ def test_measured_collectives_price_the_graph_and_scale_the_curve_for_new_ones()
     nodes = {n.name: n for n in tg.graph.nodes}
     assert costs.comm(nodes["a2a_1"]) == 2.0 and costs.comm(nodes["a2a_2"]) == 4.0
     assert comm_scale(profile, curve) == {"all_to_all": pytest.approx(0.5)}
+
+
+def test_collective_times_measured_under_another_network_are_not_used():
+    from lancet.artifact import RunIdentity
+    from lancet.cost.model import ProfiledCostModel
+    from lancet.cost.profile import ComputeProfile, RankCosts
+    from lancet.optimize import profile_for_network
+    from tests.graphs import two_layer_backward
+
+    measured = {"a2a_1": 2.0, "a2a_2": 4.0}
+    profile = ComputeProfile(
+        fingerprint="", comm_bytes={"a2a_1": 400, "a2a_2": 800},
+        comm_kind={"a2a_1": "all_to_all", "a2a_2": "all_to_all"}, comm_ms=dict(measured),
+        ranks=[RankCosts(comm_bytes={"a2a_1": 400, "a2a_2": 800}, comm_ms=dict(measured))],
+    )
+    identity = RunIdentity(model="m", gate="switch", world_size=2, dtype="bf16", device="cuda:H200",
+                           network="native", torch_version="2.11.0")
+    doc = {"identity": identity.to_json(), "profile": profile.to_json()}
+    tg = two_layer_backward()
+    nodes = {n.name: n for n in tg.graph.nodes}
+    for network, expected in (("native", measured), ("ib100", {"a2a_1": 4.0, "a2a_2": 8.0})):  # curve: 10 ms/1000 B
+        costs = ProfiledCostModel(profile_for_network(doc, network), comm(None), model_host=False).costs(tg.graph)
+        assert {n: costs.comm(nodes[n]) for n in expected} == pytest.approx(expected)
+        assert {n: costs.ranks[0].comm(nodes[n]) for n in expected} == pytest.approx(expected)

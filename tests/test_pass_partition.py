@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lancet.capture import capture_forward, capture_step, capture_step_from_forward
+from lancet.capture import capture_forward, capture_step
 from lancet.data import BatchSource
 from lancet.graph.analysis import analyze
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
 from lancet.passes.partition import PartitionDecisions, PartitionError, Region, partition_pass
+from lancet.plan import capture_partitioned_step
 from lancet.runtime import CapturedStep
 from lancet.step import TrainStep
 from tests.distributed import run_ranks
@@ -57,7 +58,7 @@ def _compare_rank(group, gates, part_counts) -> list[tuple]:
         for parts in part_counts:
             regions = [Region(start, end, parts) for start, end in attention_ranges(forward)]
             partitioned = partition_pass(forward, PartitionDecisions(regions), BATCH)
-            graph = capture_step_from_forward(step, partitioned, *batch)
+            graph = capture_partitioned_step(step, partitioned, *batch)  # backward all-to-alls issued early
             dispatches = analyze(graph).collectives_of("all_to_all", "forward")
             assert len(dispatches) == 2 * 3 * parts  # counts, dispatch, combine per part per layer
             runner = CapturedStep(graph)

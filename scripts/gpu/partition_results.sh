@@ -6,10 +6,10 @@
 #        bash scripts/gpu/partition_results.sh 3   (profile again plus a tutel-d2 profile and the estimate check
 #                                                   (CHECK=0: no check), then plans and benches for NETS; comm curves
 #                                                   measured when COMM_PROFILE=1, else copied from COMM_DIR or .results)
-# Env: MODEL, GATE, NETS, VARIANTS (VARIANTS_<net> for one regime), STEPS, TAG (names the output),
+# Env: MODEL, GATE, NETS, VARIANTS (VARIANTS_<net> for one regime), STEPS, ROUNDS (bench --rounds), TAG (names the output),
 #      BUDGET_S (stop starting benches after this many seconds, default 540) or DEADLINE (epoch seconds),
 #      NEED_S (seconds a bench needs to be started, default 150).
-# Results land in $OUT/results_<part>.tar.gz; every rank's traces of eager/captured/lancet-dw/lancet in $OUT/traces_<part>_<net>.tar.gz.
+# Results land in $OUT/results_<part>.tar.gz; every rank's traces of every variant in $OUT/traces_<part>_<net>.tar.gz.
 set -u
 source scripts/gpu/env.sh
 PART=${1:-1}
@@ -29,9 +29,9 @@ bench() {
     step $LANCET optimize --profile $P/profile.json --comm $P/comm_$net.json --out $R/plan_$net.json --trace-dir $R/pred_$net
     local variants; variants=$(eval echo \${VARIANTS_$net:-$VARIANTS})
     step $LANCET bench --model $M --dtype bf16 --gate $G --network $net --variants $variants --plan $R/plan_$net.json \
-        --steps ${STEPS:-15} --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/tr_$net
-    for v in eager captured lancet-dw lancet; do
-        [ -d /tmp/tr_$net/$v ] || continue
+        --steps ${STEPS:-15} --rounds ${ROUNDS:-1} --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/tr_$net
+    for d in /tmp/tr_$net/*/; do
+        [ -d "$d" ] || continue; local v; v=$(basename $d)
         mkdir -p $T/${net}_$v && for f in /tmp/tr_$net/$v/rank*.json; do gzip -c $f > $T/${net}_$v/$(basename $f).gz; done
     done
 }

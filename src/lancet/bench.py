@@ -4,7 +4,11 @@ Every variant starts from the same parameters and sees the same batches. Per
 variant: warm-up steps, timed steps (wall clock around step + optimizer, the
 slowest rank counts, median reported), then a few profiled steps whose
 torch.profiler trace gives all-to-all time and exposed (non-overlapped)
-communication. Rank 0 prints the table and writes JSON.
+communication. With ``rounds`` > 1 the variant list is run that many times in
+turn (A B C A B C), each round from the initial parameters, so slow drift of the
+machine falls on every variant alike; traces come from the last round.
+Python garbage collection runs only between steps. Rank 0 prints the table and
+writes JSON.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from rich.table import Table
 
 from lancet.config import RunConfig
 from lancet.dist import rank_runtime
+from lancet.gc_policy import ScheduledCollection
 from lancet.step import StepResult
 
 PLAN_VARIANTS = ("lancet-dw", "lancet-part", "lancet")
@@ -46,6 +51,8 @@ class BenchOptions:
     plan: str | None = None
     json_path: str | None = None
     trace_dir: str | None = None
+    rounds: int = 1
+    """Rounds over the variant list (A B C A B C ...): drift in the machine falls on every variant alike."""
 
     def validate(self) -> None:
         unknown = [v for v in self.variants if not is_known_variant(v)]
@@ -54,13 +61,16 @@ class BenchOptions:
             raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {known}")
         if not self.variants:
             raise ValueError("give at least one variant")
+        repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
+        if repeated:
+            raise ValueError(f"variant(s) {', '.join(repeated)} given more than once; use --rounds to repeat")
         needing = [v for v in self.variants if v in PLAN_VARIANTS]
         if needing and self.plan is None:
             raise ValueError(f"variant(s) {', '.join(needing)} need --plan (from `lancet optimize`)")
         if self.plan is not None and not Path(self.plan).exists():
             raise FileNotFoundError(f"plan file {self.plan!r} does not exist")
-        if self.steps < 1 or self.warmup < 0 or self.profile_steps < 0:
-            raise ValueError("--steps must be >= 1, --warmup and --profile-steps >= 0")
+        if self.steps < 1 or self.warmup < 0 or self.profile_steps < 0 or self.rounds < 1:
+            raise ValueError("--steps and --rounds must be >= 1, --warmup and --profile-steps >= 0")
 
 
 @dataclass(slots=True)
@@ -71,6 +81,8 @@ class VariantResult:
     peak_mem_gib: float | None
     trace: dict = field(default_factory=dict)
     """Medians of the profiled steps (a2a, exposed communication, ...)."""
+    round_ms: list[float] = field(default_factory=list)
+    """Median step time of each round (the spread shows run-to-run noise)."""
     predicted: dict | None = None
 
     def to_json(self) -> dict:
@@ -102,16 +114,17 @@ def _runner(variant: str, session, plan) -> tuple[Callable[[list, torch.Tensor, 
 
 def tutel_graph(train_step, tokens: torch.Tensor, targets: torch.Tensor, parts: int):
     """The step with each MoE layer's dispatch stage (all-to-alls and experts) pipelined in ``parts`` parts."""
-    from lancet.capture import capture_forward, capture_step, capture_step_from_forward
+    from lancet.capture import capture_forward, capture_step
     from lancet.passes.partition import PartitionDecisions, Region, partition_pass
     from lancet.passes.select_partition import dispatch_ranges
+    from lancet.plan import capture_partitioned_step
 
     if parts == 1:
         return capture_step(train_step, tokens, targets)
     forward = capture_forward(train_step, tokens, targets)
     regions = [Region(start, end, parts) for start, end in dispatch_ranges(forward.graph)]
     partitioned = partition_pass(forward, PartitionDecisions(regions), tokens.shape[0])
-    return capture_step_from_forward(train_step, partitioned, tokens, targets)
+    return capture_partitioned_step(train_step, partitioned, tokens, targets)
 
 
 def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
@@ -122,26 +135,11 @@ def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def _run_variant(
-    variant: str, run: RunConfig, session, plan, opts: BenchOptions, initial: list[torch.Tensor]
-) -> VariantResult:
-    from lancet.measure import profile_steps, summarize
-    from lancet.train import make_optimizer
-
-    runtime = session.runtime
-    with torch.no_grad():
-        for p, v in zip(session.params, initial):
-            p.copy_(v)
-    session.optimizer = make_optimizer(run.optimizer, session.params, run.learning_rate)
-    runner, forward_a2a = _runner(variant, session, plan)
-
-    def one_step(step: int) -> None:
-        session.apply(runner(session.params, *session.batch(step)))
-
-    if runtime.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(runtime.device)
+def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCollection) -> list[float]:
+    """Warm-up, then wall-clock ms of each timed step on this rank (collection between steps, untimed)."""
     for step in range(opts.warmup):
         one_step(step)
+        collection.after_step(step)
     times = []
     for step in range(opts.warmup, opts.warmup + opts.steps):
         runtime.synchronize()
@@ -149,23 +147,78 @@ def _run_variant(
         one_step(step)
         runtime.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
-    step_ms = statistics.median(_slowest_rank(times, runtime.group))
-    trace_summary: dict = {}
-    if opts.profile_steps > 0:
-        trace_dir = Path(opts.trace_dir or "lancet_traces") / variant
-        trace_dir.mkdir(parents=True, exist_ok=True)
-        first = opts.warmup + opts.steps
-        trace = profile_steps(
-            lambda i: one_step(first + i),
-            steps=opts.profile_steps,
-            warmup=0,
-            device=runtime.device,
-            trace_path=trace_dir / f"rank{runtime.rank}.json",
-        )
-        trace_summary = summarize(trace, forward_a2a)
-    peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30 if runtime.device.type == "cuda" else None
-    tokens = session.model_cfg.tokens_per_rank * runtime.world_size
-    return VariantResult(variant, step_ms, tokens / (step_ms / 1e3), peak, trace_summary)
+        collection.after_step(step)
+    return times
+
+
+def _profiled_steps(one_step, variant: str, forward_a2a: int, opts: BenchOptions, runtime) -> dict:
+    """Trace ``opts.profile_steps`` more steps with torch.profiler; the summary of the trace ({} for none)."""
+    from lancet.measure import profile_steps, summarize
+
+    if opts.profile_steps <= 0:
+        return {}
+    trace_dir = Path(opts.trace_dir or "lancet_traces") / variant
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    first = opts.warmup + opts.steps
+    trace = profile_steps(
+        lambda i: one_step(first + i),
+        steps=opts.profile_steps,
+        warmup=0,
+        device=runtime.device,
+        trace_path=trace_dir / f"rank{runtime.rank}.json",
+    )
+    return summarize(trace, forward_a2a)
+
+
+@dataclass(slots=True)
+class _VariantState:
+    """A variant's step function and what its rounds measured so far."""
+
+    runner: Callable
+    forward_a2a: int
+    times: list[float] = field(default_factory=list)
+    round_ms: list[float] = field(default_factory=list)
+    trace: dict = field(default_factory=dict)
+    peak_gib: float | None = None
+
+
+def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, opts: BenchOptions,
+                   initial: list[torch.Tensor], profile: bool) -> None:
+    """One round of ``variant``: fresh parameters and optimizer, warm-up, timed steps (and the profiled ones)."""
+    from lancet.train import make_optimizer
+
+    runtime = session.runtime
+    with torch.no_grad():
+        for p, v in zip(session.params, initial):
+            p.copy_(v)
+    session.optimizer = make_optimizer(run.optimizer, session.params, run.learning_rate)
+
+    def one_step(step: int) -> None:
+        session.apply(state.runner(session.params, *session.batch(step)))
+
+    if runtime.device.type == "cuda":
+        torch.cuda.empty_cache()  # every round starts from the same allocator state
+        torch.cuda.reset_peak_memory_stats(runtime.device)
+    with ScheduledCollection(run.gc_every) as collection:
+        times = _slowest_rank(_timed_steps(one_step, opts, runtime, collection), runtime.group)
+        if profile:
+            state.trace = _profiled_steps(one_step, variant, state.forward_a2a, opts, runtime)
+    state.times.extend(times)
+    state.round_ms.append(statistics.median(times))
+    if runtime.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+        state.peak_gib = max(peak, state.peak_gib or 0.0)
+
+
+def _result(variant: str, state: _VariantState, session, plan) -> VariantResult:
+    step_ms = statistics.median(state.times)
+    tokens = session.model_cfg.tokens_per_rank * session.runtime.world_size
+    result = VariantResult(variant, step_ms, tokens / (step_ms / 1e3), state.peak_gib, state.trace, list(state.round_ms))
+    if plan is not None and variant in PLAN_VARIANTS:
+        result.predicted = plan.variant(variant).predicted
+    elif plan is not None and variant in BASE_VARIANTS:
+        result.predicted = plan.predicted
+    return result
 
 
 def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
@@ -177,21 +230,23 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]
         console = Console(width=160)
-        results: list[VariantResult] = []
-        for i, variant in enumerate(opts.variants, 1):
-            begin = time.perf_counter()
-            result = _run_variant(variant, run, session, plan, opts, initial)
-            if plan is not None and variant in PLAN_VARIANTS:
-                result.predicted = plan.variant(variant).predicted
-            elif plan is not None and variant in BASE_VARIANTS:
-                result.predicted = plan.predicted
-            results.append(result)
-            if runtime.is_main:
-                console.print(f"[{i}/{len(opts.variants)}] {variant}: {result.step_ms:.2f} ms per step "
-                              f"({time.perf_counter() - begin:.0f} s with capture, warm-up and profiling)")
-                if opts.json_path:  # after every variant, so a run cut short keeps what it measured
-                    _write_json(opts.json_path, run, runtime.world_size, [r.to_json() for r in results])
-        rows = [r.to_json() for r in results]
+        states: dict[str, _VariantState] = {}
+        for round_index in range(opts.rounds):
+            last = round_index == opts.rounds - 1
+            for i, variant in enumerate(opts.variants, 1):
+                begin = time.perf_counter()
+                if variant not in states:
+                    states[variant] = _VariantState(*_runner(variant, session, plan))
+                _measure_round(states[variant], variant, run, session, opts, initial, profile=last)
+                if runtime.is_main:
+                    console.print(f"[round {round_index + 1}/{opts.rounds}, {i}/{len(opts.variants)}] {variant}: "
+                                  f"{states[variant].round_ms[-1]:.2f} ms per step "
+                                  f"({time.perf_counter() - begin:.0f} s with capture, warm-up and profiling)",
+                                  markup=False)
+                    if opts.json_path:  # after every variant, so a run cut short keeps what it measured
+                        rows = [_result(v, st, session, plan).to_json() for v, st in states.items()]
+                        _write_json(opts.json_path, run, runtime.world_size, rows)
+        rows = [_result(v, states[v], session, plan).to_json() for v in opts.variants]
         if runtime.is_main:
             print_table(rows, run, console)
         return rows
@@ -204,11 +259,18 @@ def _write_json(path: str, run: RunConfig, world_size: int, rows: list[dict]) ->
     partial.replace(path)
 
 
+def _spread(round_ms: list[float]) -> str:
+    if len(round_ms) < 2:
+        return ""
+    return f"{(max(round_ms) - min(round_ms)) / statistics.median(round_ms):.1%}"
+
+
 def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} network={run.network or 'native'}"
     table = Table(title=title)
+    rounds = max(len(r.get("round_ms") or ()) for r in rows)
     columns = ("variant", "step ms", "x eager", "tokens/s", "a2a ms", "exposed a2a", "exposed bwd a2a",
-               "exposed comm", "two-lane bound", "predicted ms", "peak GiB")
+               "exposed comm", "two-lane bound", "predicted ms", "peak GiB") + (("round spread",) if rounds > 1 else ())
     for column in columns:
         table.add_column(column, justify="right")
     eager = next((r["step_ms"] for r in rows if r["variant"] == "eager"), None)
@@ -226,7 +288,11 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
             f"{max(t['compute_ms'], t['comm_ms']):.2f}" if t else "",
             f"{r['predicted']['makespan_ms']:.2f}" if r.get("predicted") else "",
             f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "",
+            *((_spread(r["round_ms"]),) if rounds > 1 else ()),
         )
     console.print(table)
+    if rounds > 1:
+        console.print(f"step ms: median of all timed steps of {rounds} rounds; round spread: (slowest - fastest round "
+                      "median) / step ms")
     console.print("times in ms; exposed = not covered by compute kernels; two-lane bound = max(compute kernel time, "
                   "communication kernel time) (profiled steps, rank 0)")

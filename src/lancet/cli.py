@@ -39,6 +39,8 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--network", default=None, choices=list(NETWORK_ENV), help="emulated interconnect (NCCL env)")
     parser.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: all GPUs, or 2 CPU ranks)")
+    parser.add_argument("--gc-every", type=int, default=10,
+                        help="Python garbage collection every N steps, between timed steps (automatic collection is off)")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -64,6 +66,7 @@ def run_config(args: argparse.Namespace, **extra) -> RunConfig:
         seed=args.seed,
         network=args.network,
         nproc=args.nproc,
+        gc_every=args.gc_every,
     )
     fields.update(extra)
     return RunConfig(**fields)
@@ -159,6 +162,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plan=args.plan,
         json_path=args.json,
         trace_dir=args.trace_dir,
+        rounds=args.rounds,
     )
     try:
         opts.validate()
@@ -232,7 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of eager, captured, lancet-dw, lancet-part, lancet, tutel-dN (N parts)",
     )
     bench.add_argument("--plan", default=None, help="plan for the lancet-* variants")
-    bench.add_argument("--warmup", type=int, default=5)
+    bench.add_argument("--warmup", type=int, default=5, help="untimed steps per variant and round")
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="go over the variant list this many times (A B C A B C), --steps timed steps each time")
     bench.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (0: no trace)")
     bench.add_argument("--json", default=None, help="write results as JSON")
     bench.add_argument("--trace-dir", default="lancet_traces", help="profiler traces, one folder per variant")

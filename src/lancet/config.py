@@ -67,6 +67,8 @@ class RunConfig:
     network: str | None = None
     metrics_jsonl: str | None = None
     nproc: int | None = None
+    gc_every: int = 10
+    """Python garbage collection runs every this many steps, outside the timed step (never inside one)."""
 
     def validate(self, world_size: int) -> GPT2MoEConfig:
         """Raise ValueError/FileNotFoundError for bad input; return the model config."""
@@ -74,6 +76,8 @@ class RunConfig:
         cfg.validate_for(world_size)
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.gc_every < 1:
+            raise ValueError(f"--gc-every must be >= 1, got {self.gc_every}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.dtype not in DTYPES:

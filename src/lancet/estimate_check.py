@@ -18,13 +18,13 @@ import collections
 from rich.console import Console
 from rich.table import Table
 
-from lancet.artifact import ArtifactMismatch, read_artifact
+from lancet.artifact import ArtifactMismatch, identity_from_json, read_artifact
 from lancet.capture import capture_step
 from lancet.cost.comm import CommProfile
 from lancet.cost.estimate import DerivedCostModel
 from lancet.cost.model import ProfiledCostModel
-from lancet.cost.profile import ComputeProfile, graph_fingerprint
-from lancet.optimize import fake_process_group, step_for_profile
+from lancet.cost.profile import graph_fingerprint
+from lancet.optimize import fake_process_group, profile_for_network, step_for_profile
 from lancet.sim import simulate
 
 
@@ -42,8 +42,10 @@ def check(profile_path: str, tutel_path: str, comm_path: str, console: Console, 
     parts = part_doc.get("tutel_parts", 1)
     if base_doc.get("tutel_parts", 1) != 1 or parts == 1:
         raise ArtifactMismatch("give the captured step's profile and a `lancet profile --tutel N` profile (N > 1)")
-    base, measured = ComputeProfile.from_json(base_doc["profile"]), ComputeProfile.from_json(part_doc["profile"])
-    comm = CommProfile.from_json(read_artifact(comm_path, "comm")["comm"])
+    comm_doc = read_artifact(comm_path, "comm")
+    network = identity_from_json(comm_doc["identity"]).network
+    base, measured = profile_for_network(base_doc, network), profile_for_network(part_doc, network)
+    comm = CommProfile.from_json(comm_doc["comm"])
     model_host = base_doc["identity"]["device"].startswith("cuda")
     with fake_process_group(base_doc["identity"]["world_size"]):
         step, tokens, targets = step_for_profile(base_doc)

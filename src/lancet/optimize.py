@@ -21,7 +21,7 @@ from rich.table import Table
 from tqdm import tqdm
 
 from lancet.artifact import ArtifactMismatch, identity_from_json, read_artifact
-from lancet.capture import capture_forward, capture_step, capture_step_from_forward
+from lancet.capture import capture_forward, capture_step
 from lancet.config import ModelSpec
 from lancet.cost.comm import CommProfile
 from lancet.cost.estimate import DerivedCostModel
@@ -31,7 +31,7 @@ from lancet.data import BatchSource
 from lancet.models import build_model
 from lancet.passes.partition import partition_pass
 from lancet.passes.select_partition import select_partitions
-from lancet.plan import Plan, VariantPlan, choose_order
+from lancet.plan import Plan, VariantPlan, capture_partitioned_step, choose_order
 from lancet.sim import Timeline, simulate
 from lancet.step import TrainStep
 from lancet.train import AUTOCAST
@@ -92,6 +92,18 @@ def _load(profile_path: str, comm_path: str):
     return profile_doc, profile_identity, comm_identity, CommProfile.from_json(comm_doc["comm"])
 
 
+def profile_for_network(profile_doc: dict, comm_network: str) -> ComputeProfile:
+    """The profile of ``profile_doc`` for pricing under ``comm_network``.
+
+    The collective times it measured hold only for the network it ran under; for another network they
+    are dropped, and collectives are priced from that network's comm curves.
+    """
+    profile = ComputeProfile.from_json(profile_doc["profile"])
+    if identity_from_json(profile_doc["identity"]).network != comm_network:
+        return profile.without_comm_times()
+    return profile
+
+
 def optimize(
     profile_path: str,
     comm_path: str,
@@ -104,7 +116,7 @@ def optimize(
     progress: bool = True,
 ) -> OptimizeResult:
     profile_doc, profile_identity, comm_identity, comm = _load(profile_path, comm_path)
-    profile = ComputeProfile.from_json(profile_doc["profile"])
+    profile = profile_for_network(profile_doc, comm_identity.network)
     model_host = profile_identity.device.startswith("cuda")
     measured = ProfiledCostModel(profile=profile, comm=comm, model_host=model_host)
     identity = replace(profile_identity, network=comm_identity.network)
@@ -183,7 +195,7 @@ def _partition_variants(
         plan.variants["lancet-part"], plan.variants["lancet"] = unpartitioned, fallback
         return
     partitioned_forward = partition_pass(forward, selection.decisions, tokens.shape[0])
-    graph = capture_step_from_forward(step, partitioned_forward, tokens, targets)
+    graph = capture_partitioned_step(step, partitioned_forward, tokens, targets)
     step_fingerprint = graph_fingerprint(graph.graph)
     costs = derived.costs(graph.graph)
     partitioned = simulate(graph.graph, costs)

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from lancet.artifact import RunIdentity, identity_from_json, read_artifact, write_artifact
-from lancet.capture import TrainGraph, capture_forward, capture_step, capture_step_from_forward
+from lancet.capture import ForwardGraph, TrainGraph, capture_forward, capture_step, capture_step_from_forward
 from lancet.cost.model import NodeCosts
 from lancet.cost.profile import graph_fingerprint
 from lancet.graph.reorder import apply_order
 from lancet.passes.allreduce_gaps import AllReduceDecisions, allreduce_gaps_pass, apply_allreduce_decisions
 from lancet.passes.dw import DwDecisions, apply_dw_decisions, dw_pass
+from lancet.passes.early_collectives import early_collectives
 from lancet.passes.partition import PartitionDecisions, partition_pass
 from lancet.sim import Timeline, simulate
 from lancet.step import TrainStep
@@ -161,6 +162,16 @@ def apply_order_decisions(
     return train_graph
 
 
+def capture_partitioned_step(
+    train_step: TrainStep, partitioned: ForwardGraph, tokens: torch.Tensor, targets: torch.Tensor
+) -> TrainGraph:
+    """The whole step of a partitioned forward, its backward all-to-alls issued early and awaited late."""
+    train_graph = capture_step_from_forward(train_step, partitioned, tokens, targets)
+    early_collectives(train_graph.graph)
+    train_graph.gm.recompile()
+    return train_graph
+
+
 def _check(fingerprint: str, expected: str, what: str) -> None:
     if fingerprint != expected:
         raise PlanMismatch(
@@ -178,7 +189,7 @@ def build_step_graph(
         forward = capture_forward(train_step, tokens, targets)
         _check(graph_fingerprint(forward.graph), plan.forward_fingerprint, "forward graph")
         partitioned = partition_pass(forward, chosen.partition, tokens.shape[0])
-        train_graph = capture_step_from_forward(train_step, partitioned, tokens, targets)
+        train_graph = capture_partitioned_step(train_step, partitioned, tokens, targets)
     else:
         train_graph = capture_step(train_step, tokens, targets)
         _check(graph_fingerprint(train_graph.graph), plan.fingerprint, "step graph")

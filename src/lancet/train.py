@@ -20,6 +20,7 @@ from lancet.artifact import RunIdentity
 from lancet.config import RunConfig
 from lancet.data import make_batch_source
 from lancet.dist import Runtime, rank_runtime
+from lancet.gc_policy import ScheduledCollection
 from lancet.models import GPT2MoEConfig, build_model
 from lancet.step import StepResult, TrainStep
 
@@ -109,6 +110,7 @@ def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
         metrics = open(run.metrics_jsonl, "w") if (run.metrics_jsonl and runtime.is_main) else None
         if metrics is not None:
             stack.enter_context(metrics)
+        collection = stack.enter_context(ScheduledCollection(run.gc_every))
         progress = stack.enter_context(_progress(console))
         task = progress.add_task("train", total=run.steps, status="")
         for step in range(run.steps):
@@ -135,6 +137,7 @@ def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
             status = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
             progress.console.print(f"step {step:>5}  {status}  {record['step_ms']:.1f} ms")
             progress.update(task, advance=1, status=status)
+            collection.after_step(step)
     return records
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -200,6 +200,11 @@ class ComputeProfile:
     """Each rank's own medians over passes (rank order); empty for single-process profiles."""
     optimizer_ms: float = 0.0
     """The optimizer update that follows the step graph (slowest rank)."""
+
+    def without_comm_times(self) -> ComputeProfile:
+        """This profile with no measured collective times (for pricing under another network than it ran on)."""
+        ranks = [replace(r, comm_ms={}) for r in self.ranks]
+        return replace(self, comm_ms={}, ranks=ranks)
 
     def op_ms(self) -> dict[str, float]:
         table: dict[str, list[float]] = {}
