@@ -8,7 +8,8 @@
 #                                                   measured when COMM_PROFILE=1, else copied from COMM_DIR or .results)
 # Env: MODEL, GATE, NETS, VARIANTS (VARIANTS_<net> for one regime), STEPS, ROUNDS (bench --rounds), TAG (names the output),
 #      BUDGET_S (stop starting benches after this many seconds, default 540) or DEADLINE (epoch seconds),
-#      NEED_S (seconds a bench needs to be started, default 150).
+#      NEED_S (seconds a bench needs to be started, default 150), PROFILE_PER_NET=1 (profile under each regime of NETS,
+#      so the plan prices collectives by their times measured there; part 3 then skips the native profile, use CHECK=0).
 # Results land in $OUT/results_<part>.tar.gz; every rank's traces of every variant in $OUT/traces_<part>_<net>.tar.gz.
 set -u
 source scripts/gpu/env.sh
@@ -26,13 +27,18 @@ left() { echo $(( DEADLINE - $(date +%s) )); }
 bench() {
     local net=$1
     if [ "$(left)" -lt "${NEED_S:-150}" ]; then echo "### skipped $net: $(left)s left" | tee -a $R/log.txt; return; fi
-    step $LANCET optimize --profile $P/profile.json --comm $P/comm_$net.json --out $R/plan_$net.json --trace-dir $R/pred_$net
+    local profile=$P/profile.json
+    if [ "${PROFILE_PER_NET:-0}" = 1 ]; then  # collectives timed under this regime price the plan
+        profile=$R/profile_$net.json
+        step $LANCET profile --model $M --dtype bf16 --gate $G --network $net --out $profile --passes 3 --reps 5
+    fi
+    step $LANCET optimize --profile $profile --comm $P/comm_$net.json --out $R/plan_$net.json --trace-dir $R/pred_$net
     local variants; variants=$(eval echo \${VARIANTS_$net:-$VARIANTS})
     step $LANCET bench --model $M --dtype bf16 --gate $G --network $net --variants $variants --plan $R/plan_$net.json \
-        --steps ${STEPS:-15} --rounds ${ROUNDS:-1} --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/tr_$net
-    for d in /tmp/tr_$net/*/; do
+        --steps ${STEPS:-15} --rounds ${ROUNDS:-1} --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/tr_${TAG}_$net
+    for d in /tmp/tr_${TAG}_$net/*/; do
         [ -d "$d" ] || continue; local v; v=$(basename $d)
-        mkdir -p $T/${net}_$v && for f in /tmp/tr_$net/$v/rank*.json; do gzip -c $f > $T/${net}_$v/$(basename $f).gz; done
+        mkdir -p $T/${net}_$v && for f in /tmp/tr_${TAG}_$net/$v/rank*.json; do gzip -c $f > $T/${net}_$v/$(basename $f).gz; done
     done
 }
 if [ "$PART" = 1 ]; then
@@ -53,7 +59,7 @@ elif [ "$PART" = 3 ]; then
     else
         cp ${COMM_DIR:-.results}/comm_*.json $R/
     fi
-    step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile.json --passes 3 --reps 5
+    [ "${PROFILE_PER_NET:-0}" = 1 ] || step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile.json --passes 3 --reps 5
     if [ "${CHECK:-1}" = 1 ]; then
         step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile_d2.json --passes 3 --reps 5 --tutel 2
         step python3 -m lancet.estimate_check --profile $R/profile.json --tutel-profile $R/profile_d2.json \
