@@ -17,6 +17,9 @@ def table(path: str, baseline: str) -> str:
     base_a2a = base["trace"].get("exposed_a2a_ms") if base and base["trace"] else None
     head = ["variant", "step ms", "x eager", "tokens/s", "a2a ms", "exposed a2a", f"vs {baseline}", "exposed bwd a2a",
             "exposed comm", "two-lane bound", "predicted ms", "predicted / measured"]
+    rounds = max(len(r.get("round_ms") or ()) for r in rows)
+    if rounds > 1:
+        head.append("round medians")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         t, p = r["trace"], r.get("predicted")
@@ -29,6 +32,8 @@ def table(path: str, baseline: str) -> str:
             f"{max(t['compute_ms'], t['comm_ms']):.1f}" if t else "",
             f"{p['makespan_ms']:.1f}" if p else "", f"{p['makespan_ms'] / r['step_ms'] - 1:+.1%}" if p else "",
         ]
+        if rounds > 1:
+            cells.append(" / ".join(f"{ms:.1f}" for ms in r["round_ms"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
