@@ -26,9 +26,8 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lancet.measure import COMPUTE, _complete_events, _gpu_steps, load_trace
+from lancet.measure import _US_PER_MS, COMPUTE, _complete_events, _gpu_steps, load_trace
 
-_US_PER_MS = 1e3
 _TOLERANCE_US = 5.0
 """Clock disagreement allowed between ranks before an end counts as early."""
 
@@ -49,6 +48,10 @@ class KindSkew:
     """Collectives (all steps) whose kernel ended on some rank before the last rank's started: the split above
     does not hold for them (seen on NVLink, where a rank's part of a transfer can complete without the peer's
     kernel); a count far from 0 means the waiting and transfer columns are not to be trusted."""
+
+    @classmethod
+    def empty(cls, ranks: int) -> KindSkew:
+        return cls(kernel_ms=[0.0] * ranks, wait_ms=[0.0] * ranks, last_arrivals=[0] * ranks)
 
 
 def _comm_kernels(trace: dict) -> list[list[tuple[str, float, float]]]:
@@ -94,7 +97,7 @@ def collective_skew(traces: list[dict]) -> dict[str, KindSkew]:
             kinds = {kind for kind, _, _ in same}
             if len(kinds) != 1:
                 raise ValueError(f"step {step}: ranks disagree on a collective's kind: {sorted(kinds)}")
-            skew = result.setdefault(kinds.pop(), KindSkew(0, [0.0] * ranks, [0.0] * ranks, 0.0, [0] * ranks, 0))
+            skew = result.setdefault(kinds.pop(), KindSkew.empty(ranks))
             arrival = max(start for _, start, _ in same)
             skew.count += 1
             skew.transfer_ms += statistics.median(end - arrival for _, _, end in same) / _US_PER_MS
