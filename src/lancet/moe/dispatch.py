@@ -49,7 +49,11 @@ class DispatchPlan:
 
 
 def plan_dispatch(routing: Routing, num_experts: int, group: dist.ProcessGroup | None) -> DispatchPlan:
-    """Sort kept assignments by expert and exchange counts; one host sync for split sizes."""
+    """Sort kept assignments by expert and exchange counts; one host sync for split sizes.
+
+    Everything that does not need the split sizes is issued before the host waits for them, so
+    that the device has it queued while the host is blocked.
+    """
     world = group_size(group)
     local_experts = num_experts // world
     expert_A = routing.expert_TK.reshape(-1)
@@ -66,18 +70,21 @@ def plan_dispatch(routing: Routing, num_experts: int, group: dist.ProcessGroup |
         recv_counts_E = funcol.all_to_all_single(counts_E, None, None, group)
     send_W = counts_E.view(world, local_experts).sum(dim=1)
     recv_W = recv_counts_E.view(world, local_experts).sum(dim=1)
-    # One asynchronous device-to-host copy for all split sizes; the host waits for it just before
-    # reading (a schedule may move the wait later); the scalar reads are then host-local.
-    splits = host_wait(to_host(torch.cat([send_W, recv_W]))).tolist()
+    # One asynchronous device-to-host copy for all split sizes.
+    sizes_host = to_host(torch.cat([send_W, recv_W]))
+    token_of_row_A = order_A if choices == 1 else torch.div(order_A, choices, rounding_mode="floor")
+    weight_of_row_A = routing.weight_TK.reshape(-1)[order_A]
+    # The host waits for the copy just before reading (a schedule may move the wait later); the
+    # scalar reads are then host-local.
+    splits = host_wait(sizes_host).tolist()
     send_splits, recv_splits = splits[:world], splits[world:]
     for size in splits:
         torch._check(size >= 0)
     num_sent = sum(send_splits)
     torch._check(num_sent <= expert_A.shape[0])
-    sent_order_S = order_A[:num_sent]
     return DispatchPlan(
-        token_of_row_S=torch.div(sent_order_S, choices, rounding_mode="floor"),
-        weight_of_row_S=routing.weight_TK.reshape(-1)[sent_order_S],
+        token_of_row_S=token_of_row_A[:num_sent],
+        weight_of_row_S=weight_of_row_A[:num_sent],
         send_splits=send_splits,
         recv_splits=recv_splits,
         recv_counts_WL=recv_counts_E.view(world, local_experts),
@@ -104,13 +111,23 @@ class LocalGroups:
 
 
 def group_by_local_expert(recv_counts_WL: Tensor, num_received: int) -> LocalGroups:
-    """Received rows arrive ordered (source rank, local expert); reorder to (local expert, source rank)."""
+    """Received rows arrive ordered (source rank, local expert); reorder to (local expert, source rank).
+
+    The reorder moves whole blocks: block (w, l) starts at ``src`` in arrival order and at ``dst`` in
+    grouped order, so grouped row p comes from received row p + src - dst of its block (the stable
+    sort by local expert, without sorting).
+    """
     world, local_experts = recv_counts_WL.shape
-    expert_ids = torch.arange(local_experts, device=recv_counts_WL.device).repeat(world)
-    expert_of_received_R = torch.repeat_interleave(expert_ids, recv_counts_WL.reshape(-1), output_size=num_received)
-    perm_R = torch.argsort(expert_of_received_R, stable=True)
-    offsets_L = torch.cumsum(recv_counts_WL.sum(dim=0), dim=0).to(torch.int32)
-    return LocalGroups(perm_R=perm_R, expert_of_row_R=expert_of_received_R[perm_R], offsets_L=offsets_L)
+    counts_WL = recv_counts_WL.reshape(-1)
+    src_WL = torch.cumsum(counts_WL, dim=0) - counts_WL
+    counts_LW = recv_counts_WL.t().reshape(-1)
+    dst_LW = torch.cumsum(counts_LW, dim=0) - counts_LW
+    shift_LW = src_WL.view(world, local_experts).t().reshape(-1) - dst_LW
+    rows_R = torch.arange(num_received, device=recv_counts_WL.device)
+    perm_R = rows_R + torch.repeat_interleave(shift_LW, counts_LW, output_size=num_received)
+    ends_L = torch.cumsum(recv_counts_WL.sum(dim=0), dim=0)
+    expert_of_row_R = torch.searchsorted(ends_L, rows_R, right=True)
+    return LocalGroups(perm_R=perm_R, expert_of_row_R=expert_of_row_R, offsets_L=ends_L.to(torch.int32))
 
 
 def combine(rows_SM: Tensor, plan: DispatchPlan, tokens_TM: Tensor) -> Tensor:
