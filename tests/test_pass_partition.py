@@ -11,6 +11,7 @@ from lancet.graph.analysis import analyze
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
 from lancet.passes.partition import PartitionDecisions, PartitionError, Region, partition_pass
+from lancet.passes.select_partition import dispatch_ranges
 from lancet.plan import capture_partitioned_step
 from lancet.runtime import CapturedStep
 from lancet.step import TrainStep
@@ -55,12 +56,16 @@ def _compare_rank(group, gates, part_counts) -> list[tuple]:
         batch = source.batch(0, rank)
         reference = CapturedStep(capture_step(step, *batch))
         forward = capture_forward(step, *batch)
-        for parts in part_counts:
-            regions = [Region(start, end, parts) for start, end in attention_ranges(forward)]
+        # Ranges into attention (each part routes its own tokens), and, for the largest n, ranges of
+        # just the all-to-alls and experts (whole routing: one counts exchange per layer for all parts).
+        cases = [(parts, attention_ranges(forward), 3 * parts) for parts in part_counts]
+        cases.append((part_counts[-1], dispatch_ranges(forward.graph), 1 + 2 * part_counts[-1]))
+        for parts, ranges, per_layer in cases:
+            regions = [Region(start, end, parts) for start, end in ranges]
             partitioned = partition_pass(forward, PartitionDecisions(regions), BATCH)
             graph = capture_partitioned_step(step, partitioned, *batch)  # backward all-to-alls issued early
             dispatches = analyze(graph).collectives_of("all_to_all", "forward")
-            assert len(dispatches) == 2 * 3 * parts  # counts, dispatch, combine per part per layer
+            assert len(dispatches) == 2 * per_layer  # counts, dispatch and combine of two MoE layers
             runner = CapturedStep(graph)
             for s in range(2):
                 b = source.batch(s, rank)
@@ -77,7 +82,7 @@ def _compare_rank(group, gates, part_counts) -> list[tuple]:
 @pytest.mark.parametrize("world, part_counts", [(2, (2, 3, 4)), (4, (2, 4))])
 def test_partitioned_step_matches_unpartitioned(world, part_counts):
     seen = run_ranks(_compare_rank, world, GATES, part_counts)
-    assert all(len(s) == len(GATES) * len(part_counts) * 2 for s in seen)
+    assert all(len(s) == len(GATES) * (len(part_counts) + 1) * 2 for s in seen)
     # Capacity dropped tokens somewhere, so the keep comparison was meaningful.
     assert any(kept < BATCH * 4 * 2 for s in seen for kind, _, kept in s if kind == "switch")
 

@@ -22,6 +22,8 @@ Contract
   that would have to leave its parts, a batch not divisible by ``n``.
 - Nodes carry ``meta["custom"]`` ``part``/``parts``/``origin`` for the
   pipeline order and the cost model.
+- Where the parts' routing was computed whole, their split-size exchanges are
+  merged into one per layer (``lancet.passes.merge_counts``).
 
 Pseudo-code
 -----------
@@ -42,6 +44,7 @@ from torch import fx
 
 from lancet.capture import ForwardGraph
 from lancet.passes.axes import REPLICATED, Axis, Context, Inferred, NoRule, TOKEN, infer
+from lancet.passes.merge_counts import merge_count_exchanges
 from lancet.passes.pipeline import pipeline_order
 
 aten = torch.ops.aten
@@ -330,6 +333,8 @@ class _Rewriter:
 
     def run(self) -> None:
         nodes = self.region.nodes
+        # The first node after the region outlives it (the anchor is erased with the originals).
+        after_region = nodes[-1].next
         anchor = next(n for n in nodes if self.region.mode[n] != HOISTED)
         for node in nodes:
             if self.region.mode[node] == HOISTED:
@@ -354,7 +359,7 @@ class _Rewriter:
                 self.graph.erase_node(node)
         order = pipeline_order(self.created)
         for node in order:
-            anchor.prepend(node)
+            after_region.prepend(node)
 
 
 def _token_size(node: fx.Node, axis: Axis) -> int:
@@ -384,5 +389,6 @@ def partition_pass(forward: ForwardGraph, decisions: PartitionDecisions, batch_s
         region = _Region(spec=spec, nodes=nodes, mode=_classify(nodes, axes))
         _Rewriter(gm.graph, region, axes).run()
         gm.graph.lint()
+    merge_count_exchanges(gm.graph)
     gm.recompile()
     return ForwardGraph(gm=gm, param_names=list(forward.param_names), batch_shape=forward.batch_shape)
