@@ -25,7 +25,7 @@ from lancet.capture import capture_forward, capture_step
 from lancet.config import ModelSpec
 from lancet.cost.comm import CommProfile
 from lancet.cost.estimate import DerivedCostModel
-from lancet.cost.model import ProfiledCostModel
+from lancet.cost.model import ProfiledCostModel, host_scale
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
 from lancet.data import BatchSource
 from lancet.models import build_model
@@ -42,6 +42,10 @@ class OptimizeResult:
     plan: Plan
     unpriced: list[str]
     timelines: dict[str, Timeline]
+    issue_ms: float = 0.0
+    """Measured host time to issue the profiled step (0: not measured)."""
+    host_scale: float = 1.0
+    """Factor applied to per-node host times (``lancet.cost.model.host_scale``)."""
 
 
 @contextlib.contextmanager
@@ -159,7 +163,9 @@ def optimize(
         Path(trace_dir).mkdir(parents=True, exist_ok=True)
         for name, timeline in timelines.items():
             timeline.write_chrome_trace(str(Path(trace_dir) / f"predicted_{name}.json"))
-    return OptimizeResult(plan=plan, unpriced=list(measured.unpriced), timelines=timelines)
+    scale = host_scale(profile, comm, captured.graph) if model_host else 1.0
+    return OptimizeResult(plan=plan, unpriced=list(measured.unpriced), timelines=timelines,
+                          issue_ms=profile.issue_ms if model_host else 0.0, host_scale=scale)
 
 
 def _add_optimizer(plan: Plan, timelines: dict[str, Timeline], optimizer_ms: float) -> None:
@@ -251,6 +257,9 @@ def print_prediction(result: OptimizeResult, console: Console) -> None:
                      f"{whole['lancet-part']:.2f}, lancet-dw {whole['lancet-dw']:.2f}, partitioned + order "
                      f"{whole['partition+order']:.2f} ms")
         console.print(line)
+    if result.issue_ms > 0:
+        console.print(f"host: issuing the profiled step took {result.issue_ms:.2f} ms; per-node host times "
+                      f"scaled by {result.host_scale:.2f} to match")
     dw = plan.variants["lancet-dw"].dw
     if dw is not None:
         console.print(f"lancet-dw: dW nodes moved into all-to-all windows: {dw.num_moved}")

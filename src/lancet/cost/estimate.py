@@ -7,7 +7,9 @@ derives for them. This model prices them without running anything:
 - a node copied from a profiled node (``meta["custom"]["origin"]``) costs the
   original's time divided by its number of parts, but never less than the
   fastest kernel of that op (small kernels do not get faster when split);
-  a whole copy costs the original's time; host issue time is the original's;
+  a whole copy costs the original's time; host issue time is the original's
+  (scaled so that the profiled graph's host time matches its measured whole-graph
+  issue time, ``lancet.cost.model.host_scale``);
 - any other node is priced from its work: floating-point operations for
   matrix products and attention, bytes read and written for everything else;
   its time is interpolated linearly between the profiled nodes of that op with
@@ -35,7 +37,7 @@ import torch
 from torch import fx
 
 from lancet.cost.comm import CommProfile
-from lancet.cost.model import NodeCosts
+from lancet.cost.model import NodeCosts, host_scale
 from lancet.cost.profile import ComputeProfile, is_timed
 from lancet.graph.roles import Role, collective_kind, is_view, node_role
 
@@ -198,6 +200,7 @@ class DerivedCostModel:
     _targets: dict[str, str] = field(default_factory=dict)
 
     _comm_scale: dict[str, float] = field(default_factory=dict)
+    _host_scale: float = 1.0
 
     @classmethod
     def of_captured(
@@ -210,6 +213,7 @@ class DerivedCostModel:
         self._rates, self._default = _fit(self.profile, self.source_graph, Sizes(self.source_graph, self.rows_per_size))
         self._comm_scale = comm_scale(self.profile, self.comm)
         self._targets = {n.name: str(n.target) for n in self.source_graph.nodes if n.op == "call_function"}
+        self._host_scale = host_scale(self.profile, self.comm, self.source_graph)
 
     @staticmethod
     def _origin(node: fx.Node, partitioned: bool) -> str | None:
@@ -239,7 +243,7 @@ class DerivedCostModel:
         out = NodeCosts(contention=self.comm.contention, comm_contention=self.comm.comm_contention)
         host = self.profile.host_ms if self.model_host else {}
         if host:
-            out.default_host_ms = statistics.median(host.values())
+            out.default_host_ms = statistics.median(host.values()) * self._host_scale
             out.collective_host_ms = self.comm.issue_ms
         partitioned = any("parts" in n.meta.get("custom", {}) for n in graph.nodes)
         for node in graph.nodes:
@@ -249,7 +253,7 @@ class DerivedCostModel:
             nbytes = sizes.nbytes(node.meta.get("val"))
             out.out_bytes[node.name] = int(nbytes)
             if host and origin in host:
-                out.host_ms[node.name] = host[origin]
+                out.host_ms[node.name] = host[origin] * self._host_scale
             if node_role(node) == Role.COMM_START:
                 kind = collective_kind(node)
                 out.comm_ms[node.name] = self.comm.ms(kind, nbytes) * self._comm_scale.get(kind, 1.0)

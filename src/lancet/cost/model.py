@@ -7,6 +7,7 @@ written by hand (tests use toy costs).
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -110,19 +111,19 @@ class ProfiledCostModel:
         """The agreed (median) costs, with each rank's own costs in ``ranks`` when the profile has them."""
         self.unpriced = []
         p = self.profile
-        out = self._priced(graph, p.node_ms, p.host_ms, p.comm_bytes, p.offrank_bytes, p.comm_ms, self.unpriced)
+        scale = host_scale(p, self.comm, graph)
+        out = self._priced(graph, p.node_ms, p.host_ms, p.comm_bytes, p.offrank_bytes, p.comm_ms, self.unpriced, scale)
         if self.per_rank:
             out.ranks = [
-                self._priced(graph, r.node_ms, r.host_ms, r.comm_bytes, r.offrank_bytes, r.comm_ms, []) for r in p.ranks
+                self._priced(graph, r.node_ms, r.host_ms, r.comm_bytes, r.offrank_bytes, r.comm_ms, [], scale)
+                for r in p.ranks
             ]
         return out
 
     def _priced(
         self, graph: fx.Graph, node_ms: dict, host_ms: dict, comm_bytes: dict, offrank: dict, comm_ms: dict,
-        unpriced: list[str],
+        unpriced: list[str], scale: float,
     ) -> NodeCosts:
-        import statistics
-
         from lancet.cost.profile import is_timed
 
         out = NodeCosts(
@@ -131,8 +132,8 @@ class ProfiledCostModel:
             out_bytes=dict(self.profile.out_bytes),
         )
         if self.model_host and host_ms:
-            out.host_ms = dict(host_ms)
-            out.default_host_ms = statistics.median(host_ms.values())
+            out.host_ms = {name: ms * scale for name, ms in host_ms.items()}
+            out.default_host_ms = statistics.median(host_ms.values()) * scale
             out.collective_host_ms = self.comm.issue_ms
         for node in graph.nodes:
             role = node_role(node)
@@ -155,3 +156,27 @@ class ProfiledCostModel:
                     continue
                 out.compute_ms[node.name] = ms
         return out
+
+
+def host_scale(profile: "ComputeProfile", comm: "CommProfile", graph: fx.Graph) -> float:  # noqa: F821
+    """Factor on per-node host times that makes issuing ``graph`` (the profiled graph, in any order) cost
+    what issuing it whole was measured to cost (``ComputeProfile.issue_ms``).
+
+    Per-node times repeat one call on the same arguments; a whole run also pays for fresh
+    allocations, freeing and the Python between calls. The simulator charges every compute, host
+    sync and host wait node its host time and every collective the comm profile's issue time; the
+    factor spreads the difference over the nodes. 1 without a measurement; kept within [0.25, 4].
+    """
+    if profile.issue_ms <= 0 or not profile.host_ms:
+        return 1.0
+    default = statistics.median(profile.host_ms.values())
+    charged, collectives = 0.0, 0
+    for node in graph.nodes:
+        role = node_role(node)
+        if role == Role.COMM_START:
+            collectives += 1
+        elif node.op == "call_function" and role in (Role.COMPUTE, Role.HOST_SYNC, Role.HOST_WAIT):
+            charged += profile.host_ms.get(node.name, default)
+    if charged <= 0:
+        return 1.0
+    return min(max((profile.issue_ms - collectives * comm.issue_ms) / charged, 0.25), 4.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -200,6 +201,9 @@ class ComputeProfile:
     """Each rank's own medians over passes (rank order); empty for single-process profiles."""
     optimizer_ms: float = 0.0
     """The optimizer update that follows the step graph (slowest rank)."""
+    issue_ms: float = 0.0
+    """Host time to issue the whole graph in its generated code, not counting host waits for split sizes
+    (median over runs and ranks; 0 in profiles made before it was measured)."""
 
     def without_comm_times(self) -> ComputeProfile:
         """This profile with no measured collective times (for pricing under another network than it ran on)."""
@@ -226,6 +230,7 @@ class ComputeProfile:
             "offrank_bytes": _pairs_to_json(self.offrank_bytes),
             "world_size": self.world_size,
             "comm_ms": self.comm_ms,
+            "issue_ms": self.issue_ms,
         }
 
     @classmethod
@@ -244,6 +249,7 @@ class ComputeProfile:
             offrank_bytes=_pairs_from_json(data.get("offrank_bytes", {})),
             world_size=int(data.get("world_size", max(len(data.get("ranks", [])), 1))),
             comm_ms={n: float(v) for n, v in data.get("comm_ms", {}).items()},
+            issue_ms=float(data.get("issue_ms", 0.0)),
         )
 
 
@@ -282,6 +288,7 @@ def profile_graph(
         if progress is not None:
             progress(i + 1)
     mine = {name: _median_dicts(dicts) for name, dicts in per_pass.items()}
+    mine["issue"] = {"graph": measure_issue_ms(gm, batches[0], device)}
     starts = [n for n in gm.graph.nodes if node_role(n) == Role.COMM_START]
     gathered = [mine]
     if world > 1:
@@ -306,4 +313,33 @@ def profile_graph(
         world_size=world,
         comm_ms=agreed["comm"],
         ranks=ranks,
+        issue_ms=agreed["issue"]["graph"],
     )
+
+
+def measure_issue_ms(gm: fx.GraphModule, inputs: list[torch.Tensor], device: torch.device, runs: int = 3) -> float:
+    """Host ms to issue one run of the whole graph through its generated code (median of ``runs`` after a
+    warm-up run), less the time blocked in host waits for split sizes; the device drains between runs.
+
+    Per-node host times are measured by repeating one call on the same arguments; the whole graph
+    also pays for fresh allocations, freeing, and the Python between calls, which this captures.
+    On a device far behind the host the launch queue can fill and block the host too (more than
+    about a thousand queued kernels between two host waits); that time is counted as issue time.
+    """
+    from lancet.moe.host_copy import blocked_seconds
+
+    def drain() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    times = []
+    with torch.no_grad():
+        for run in range(runs + 1):
+            drain()
+            blocked, begin = blocked_seconds(), time.perf_counter()
+            gm(*inputs)
+            elapsed = time.perf_counter() - begin - (blocked_seconds() - blocked)
+            drain()
+            if run:
+                times.append(elapsed * 1e3)
+    return statistics.median(times)

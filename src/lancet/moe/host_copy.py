@@ -6,10 +6,13 @@ the two are separate nodes, so the copy can be issued as soon as the counts
 exist and the wait placed as late as the schedule allows, while the device
 keeps executing what was issued before it.
 
-On the CPU both are plain copies.
+On the CPU both are plain copies. ``blocked_seconds`` totals the time hosts spent
+blocked in ``host_wait`` (the profile separates issue time from waiting with it).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch import Tensor
@@ -17,6 +20,8 @@ from torch import Tensor
 _pending: dict[int, torch.cuda.Event] = {}
 _MAX_PENDING = 1024
 """Copies never waited for (a profiler re-running ``to_host``) are forgotten beyond this many."""
+_blocked = [0.0]
+"""Seconds spent blocked in ``host_wait`` (one cell, so the op can add to it)."""
 
 
 @torch.library.custom_op("lancet::to_host", mutates_args=())
@@ -44,8 +49,15 @@ def host_wait(x: Tensor) -> Tensor:
     """Block the host until the copy that produced ``x`` has landed; returns the values."""
     event = _pending.pop(x.data_ptr(), None)
     if event is not None:
+        begin = time.perf_counter()
         event.synchronize()
+        _blocked[0] += time.perf_counter() - begin
     return x.clone()
+
+
+def blocked_seconds() -> float:
+    """Total seconds this process has spent blocked in ``host_wait`` so far."""
+    return _blocked[0]
 
 
 @host_wait.register_fake
