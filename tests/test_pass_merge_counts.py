@@ -9,11 +9,11 @@ from torch import fx
 
 from lancet.capture import capture_forward
 from lancet.data import BatchSource
+from lancet.graph.reorder import stable_topological_order
 from lancet.graph.roles import collective_kind, is_irregular_all_to_all
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
 from lancet.optimize import fake_process_group
-from lancet.passes.merge_counts import stable_topological_order
 from lancet.passes.partition import PartitionDecisions, Region, partition_pass
 from lancet.passes.select_partition import dispatch_ranges
 from lancet.step import TrainStep

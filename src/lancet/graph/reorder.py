@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 from torch import fx
 
 
@@ -31,3 +33,20 @@ def apply_order(graph: fx.Graph, order: list[fx.Node]) -> None:
         if previous.next is not node:
             previous.append(node)
     graph.lint()
+
+
+def stable_topological_order(graph: fx.Graph) -> list[fx.Node]:
+    """The graph's nodes in their current order, except that no node precedes one of its inputs."""
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    waiting = {node: len(set(node.all_input_nodes)) for node in graph.nodes}
+    ready = [(position[n], n.name, n) for n in graph.nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        _, _, node = heapq.heappop(ready)
+        order.append(node)
+        for user in node.users:
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, (position[user], user.name, user))
+    return order

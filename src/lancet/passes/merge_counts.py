@@ -32,15 +32,15 @@ Pseudo-code
 
 from __future__ import annotations
 
-import heapq
 import operator
 from collections import defaultdict
 
 import torch
 from torch import fx
 
-from lancet.graph.reorder import apply_order
+from lancet.graph.reorder import apply_order, stable_topological_order
 from lancet.graph.roles import (
+    HOST_WAIT_OPS,
     WAIT_OPS,
     collective_kind,
     is_irregular_all_to_all,
@@ -49,7 +49,6 @@ from lancet.graph.roles import (
 
 aten = torch.ops.aten
 _TO_HOST = "lancet.to_host.default"
-_HOST_WAIT = "lancet.host_wait.default"
 
 
 def _custom(node: fx.Node) -> dict:
@@ -147,7 +146,7 @@ def _merge_split_copies(graph: fx.Graph, copies: list[fx.Node]) -> bool:
     waits = []
     for copy in copies:
         users = list(copy.users)
-        if len(users) != 1 or str(users[0].target) != _HOST_WAIT:
+        if len(users) != 1 or str(users[0].target) not in HOST_WAIT_OPS:
             return False
         waits.append(users[0])
     with graph.inserting_before(max(copies, key=_position(graph)).next):
@@ -168,23 +167,6 @@ def _merge_split_copies(graph: fx.Graph, copies: list[fx.Node]) -> bool:
 def _position(graph: fx.Graph):
     index = {node: i for i, node in enumerate(graph.nodes)}
     return index.__getitem__
-
-
-def stable_topological_order(graph: fx.Graph) -> list[fx.Node]:
-    """The graph's nodes in their current order, except that no node precedes one of its inputs."""
-    position = {node: i for i, node in enumerate(graph.nodes)}
-    waiting = {node: len(set(node.all_input_nodes)) for node in graph.nodes}
-    ready = [(position[n], n.name, n) for n in graph.nodes if waiting[n] == 0]
-    heapq.heapify(ready)
-    order = []
-    while ready:
-        _, _, node = heapq.heappop(ready)
-        order.append(node)
-        for user in node.users:
-            waiting[user] -= 1
-            if waiting[user] == 0:
-                heapq.heappush(ready, (position[user], user.name, user))
-    return order
 
 
 def merge_count_exchanges(graph: fx.Graph) -> int:
