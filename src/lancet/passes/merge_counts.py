@@ -113,10 +113,9 @@ def _merge_exchange(graph: fx.Graph, starts: list[fx.Node]) -> bool:
     """n count all-to-alls with splits [L] * W -> one all-to-all of the rank-major [W, n, L] counts."""
     first = starts[0]
     out_splits, in_splits, group_name = first.args[1], first.args[2], first.args[3]
-    world, parts = len(out_splits), len(starts)
-    local = out_splits[0]
-    if any(s != local for s in (*out_splits, *in_splits)):
-        return False  # not an even exchange of counts; leave it
+    if not out_splits or list(out_splits) != list(in_splits) or len(set(out_splits)) != 1:
+        return False  # not an even exchange with explicit splits; leave it
+    world, parts, local = len(out_splits), len(starts), out_splits[0]
     waits = [wait_of(start) for start in starts]
     with graph.inserting_before(max(starts, key=_position(graph)).next):
         stacked = _new(graph, aten.stack.default, ([s.args[0] for s in starts], 0), first)
