@@ -9,6 +9,7 @@ import argparse
 
 import torch
 
+from lancet.cost.clock import Clock
 from lancet.moe.dispatch import group_by_local_expert
 
 
@@ -28,14 +29,7 @@ def by_blocks(recv_counts_WL: torch.Tensor, num_received: int):
 def device_us(fn, *args, reps=200):
     for _ in range(10):
         fn(*args)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn(*args)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps * 1e3
+    return Clock(torch.device("cuda")).device_ms(lambda: fn(*args), reps) * 1e3
 
 
 def main() -> None:

@@ -39,13 +39,7 @@ import torch
 from torch import fx
 
 from lancet.graph.reorder import apply_order, stable_topological_order
-from lancet.graph.roles import (
-    HOST_WAIT_OPS,
-    WAIT_OPS,
-    collective_kind,
-    is_irregular_all_to_all,
-    wait_of,
-)
+from lancet.graph.roles import HOST_WAIT_OPS, collective_kind, is_irregular_all_to_all, wait_of
 
 aten = torch.ops.aten
 _TO_HOST = "lancet.to_host.default"
@@ -104,8 +98,7 @@ def _routing_is_whole(node: fx.Node) -> bool:
 
 def _new(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
     node = graph.call_function(target, args)
-    custom = _custom(like)
-    node.meta["custom"] = {**custom, "part": None, "origin": custom["origin"]}
+    node.meta["custom"] = {**_custom(like), "part": None}
     return node
 
 
@@ -126,7 +119,7 @@ def _merge_exchange(graph: fx.Graph, starts: list[fx.Node]) -> bool:
         flat = _new(graph, aten.view.default, (packed, [world * parts * local]), first)
         block = [parts * local] * world
         merged = _new(graph, first.target, (flat, block, block, group_name), first)
-        waited = _new(graph, next(iter(WAIT_OPS)), (merged,), waits[0])
+        waited = _new(graph, waits[0].target, (merged,), waits[0])
         received = _new(graph, aten.view.default, (waited, [world, parts, local]), first)
         for k, wait in enumerate(waits):
             mine = _new(graph, aten.select.int, (received, 1, k), first)
