@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from lancet.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
-from lancet.dist import NETWORK_ENV, launch, planned_world_size
+from lancet.dist import NETWORK_ENV, RankFailed, launch, planned_world_size
 from lancet.moe import GATE_KINDS
 
 
@@ -260,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"lancet {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RankFailed as err:
+        print(f"lancet {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
 
 NETWORK_ENV: dict[str, dict[str, str]] = {
     "nvlink": {},
@@ -96,27 +97,73 @@ def init_runtime() -> Runtime:
 
 
 def shutdown_runtime() -> None:
+    """Orderly end of a rank that finished its work: wait for the others, then tear the group down."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
+def abort_runtime() -> None:
+    """End of a rank leaving on an error: no collective (the other ranks may never reach it), no wait.
+
+    NCCL communicators are aborted so that pending work cannot block the process's exit; the
+    launcher then sees this rank fail and stops the others.
+    """
+    if not dist.is_initialized():
+        return
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    try:
+        if abort is not None and dist.get_backend() == "nccl":
+            abort()
+        else:
+            dist.destroy_process_group()
+    except Exception:  # the rank is failing already; its own error is the one to report
+        pass
+
+
 @contextlib.contextmanager
 def rank_runtime(network: str | None) -> Iterator[Runtime]:
-    """The body of every rank job: network regime set before NCCL starts, group up, torn down at the end."""
+    """The body of every rank job: network regime set before NCCL starts, group up, torn down at the end.
+
+    A rank that leaves on an exception does not wait for the others (a barrier there would hang the
+    job while another rank waits inside a collective): it aborts its group and re-raises.
+    """
     if network is not None:
         apply_network_env(network)
     runtime = init_runtime()
     try:
         yield runtime
-    finally:
-        shutdown_runtime()
+    except BaseException:
+        abort_runtime()
+        raise
+    shutdown_runtime()
+
+
+class RankFailed(RuntimeError):
+    """A rank of a launched job failed; the message names the first rank that did and its error."""
+
+
+@record
+def _rank_main(entrypoint: Callable[..., Any], *args: Any) -> Any:
+    """Every launched rank runs this: its error is recorded for the launcher to report."""
+    return entrypoint(*args)
+
+
+def _first_failure(err: ChildFailedError) -> str:
+    rank, failure = min(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    if not message or message.startswith("To enable traceback"):
+        message = f"exit code {failure.exitcode}"
+    return f"rank {rank} failed: {str(message).strip().splitlines()[-1] if message else ''}"
 
 
 def launch(entrypoint: Callable[..., Any], args: tuple, nproc: int | None) -> Any:
     """Run ``entrypoint(*args)`` on every rank: in place under torchrun, else on ``nproc`` local ranks.
 
-    Returns rank 0's return value.
+    Returns rank 0's return value. When a rank fails, the launcher stops every other rank and
+    raises ``RankFailed`` naming the first rank that failed and its error.
     """
     if under_torchrun():
         return entrypoint(*args)
@@ -136,5 +183,8 @@ def launch(entrypoint: Callable[..., Any], args: tuple, nproc: int | None) -> An
         monitor_interval=0.1,
         start_method="spawn",
     )
-    results = elastic_launch(config, entrypoint)(*args)
+    try:
+        results = elastic_launch(config, _rank_main)(entrypoint, *args)
+    except ChildFailedError as err:
+        raise RankFailed(_first_failure(err)) from None
     return results[0]

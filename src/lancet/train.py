@@ -20,6 +20,7 @@ from lancet.artifact import RunIdentity
 from lancet.config import RunConfig
 from lancet.data import make_batch_source
 from lancet.dist import Runtime, rank_runtime
+from lancet.faults import maybe_inject_fault
 from lancet.gc_policy import ScheduledCollection
 from lancet.models import GPT2MoEConfig, build_model
 from lancet.step import StepResult, TrainStep
@@ -114,6 +115,7 @@ def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
         progress = stack.enter_context(_progress(console))
         task = progress.add_task("train", total=run.steps, status="")
         for step in range(run.steps):
+            maybe_inject_fault(runtime.rank, step)
             tokens, targets = session.batch(step)
             runtime.synchronize()
             start = time.perf_counter()
