@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from lancet.capture import TrainGraph
+from lancet.capture.trace import TrainGraph
 
 c10d = torch.ops._c10d_functional
 aten = torch.ops.aten

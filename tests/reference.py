@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lancet.models import GPT2MoEConfig, build_model
-from lancet.step import TrainStep
+from lancet.step.train_step import TrainStep
 
 
 def reference_step(cfg: GPT2MoEConfig, world: int, shards: list[tuple[torch.Tensor, torch.Tensor]], seed: int = 0):

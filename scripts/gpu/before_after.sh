@@ -11,7 +11,7 @@ for pair in $(seq 1 "$PAIRS"); do
     for tree in before after; do
         src="$PWD/src"; [ "$tree" = before ] && src="$PWD/.before/src"
         name="${tree}_$pair"
-        PYTHONPATH="$src:/tmp/site" timeout 280 python3 -m lancet.cli bench --model "$MODEL" --dtype bf16 \
+        PYTHONPATH="$src:/tmp/site" timeout 280 python3 -m lancet bench --model "$MODEL" --dtype bf16 \
             --network "$NETWORK" --variants "$VARIANTS" --steps "$STEPS" --rounds "$ROUNDS" --warmup 3 \
             --profile-steps 1 --trace-dir "/tmp/ba_$name" --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
         echo "$name rc=$?"

@@ -7,4 +7,4 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 OUT="${OUT:-out}"
 mkdir -p "$OUT"
-LANCET="python3 -m lancet.cli"
+LANCET="python3 -m lancet"

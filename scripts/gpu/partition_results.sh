@@ -62,7 +62,7 @@ elif [ "$PART" = 3 ]; then
     [ "${PROFILE_PER_NET:-0}" = 1 ] || step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile.json --passes 3 --reps 5
     if [ "${CHECK:-1}" = 1 ]; then
         step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile_d2.json --passes 3 --reps 5 --tutel 2
-        step python3 -m lancet.estimate_check --profile $R/profile.json --tutel-profile $R/profile_d2.json \
+        step python3 -m lancet.app.estimate_check --profile $R/profile.json --tutel-profile $R/profile_d2.json \
             --comm $R/comm_${CHECK_NET:-ib100}.json --json $R/estimate_check.json
     fi
     for NET in ${NETS:-nvlink ib100}; do bench $NET; done

@@ -13,7 +13,7 @@ for NET in nvlink ib100; do
         --plan $R/plan_$NET.json --steps 20 --warmup 5 --profile-steps 3 --json $R/bench_$NET.json --trace-dir $R/traces_$NET
     python3 - $R/traces_$NET <<'PY' 2>&1 | grep -E "^(variant|eager|captured|lancet)" | tee -a $R/log.txt
 import sys
-from lancet.measure import hta_exposed_comm_ms, summarize, load_trace
+from lancet.measure.trace_metrics import hta_exposed_comm_ms, summarize, load_trace
 base = sys.argv[1]
 print("variant ours_exposed_ms hta_exposed_ms step_ms")
 for v in ("eager", "captured", "lancet-dw"):

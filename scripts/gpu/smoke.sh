@@ -14,7 +14,7 @@ run $LANCET optimize --profile $OUT/profile.json --comm $OUT/comm.json --out $OU
 run $LANCET bench --model $M --dtype bf16 --variants eager,captured,lancet-dw --plan $OUT/plan.json \
     --steps 8 --warmup 3 --profile-steps 2 --json $OUT/bench.json --trace-dir /tmp/traces
 python3 -c "
-from lancet.measure import hta_exposed_comm_ms, summarize, load_trace
+from lancet.measure.trace_metrics import hta_exposed_comm_ms, summarize, load_trace
 for v in ('eager','captured','lancet-dw'):
     print(v, 'ours', summarize(load_trace('/tmp/traces/%s/rank0.json' % v))['exposed_comm_ms'], 'hta', hta_exposed_comm_ms('/tmp/traces/%s' % v))
 " 2>&1 | grep -v Parsed | tail -8

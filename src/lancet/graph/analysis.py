@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from lancet.capture import TrainGraph
+from lancet.capture.trace import TrainGraph
 from lancet.graph.deps import Reachability
 from lancet.graph.roles import (
     Role,

@@ -172,6 +172,10 @@ class GPT2MoE(nn.Module):
         logits_BSV = F.linear(self.ln_f(x_BSM), self.wte.weight)[..., : self.cfg.vocab_size]
         return ModelOutput(logits_BSV=logits_BSV, aux_loss=aux, keep=keep)
 
+    @staticmethod
+    def loss(out: ModelOutput, targets_BS: Tensor) -> Tensor:
+        return lm_loss(out, targets_BS)
+
 
 def lm_loss(out: ModelOutput, targets_BS: Tensor) -> Tensor:
     """Mean next-token cross entropy (float32) plus the auxiliary loss."""

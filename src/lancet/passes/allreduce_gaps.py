@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
-from lancet.capture import TrainGraph
+from lancet.capture.trace import TrainGraph
 from lancet.cost.model import NodeCosts
 from lancet.graph.analysis import Collective, analyze
 from lancet.graph.reorder import apply_order
 from lancet.graph.roles import is_view
-from lancet.sim import simulate
+from lancet.sim.simulator import simulate
 
 
 @dataclass(slots=True)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from lancet.capture import TrainGraph
+from lancet.capture.trace import TrainGraph
 from lancet.cost.model import NodeCosts
 from lancet.graph.analysis import Collective, GraphAnalysis, analyze
 from lancet.graph.reorder import apply_order

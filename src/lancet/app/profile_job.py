@@ -1,0 +1,131 @@
+"""Rank-side jobs of ``lancet profile`` and ``lancet profile-comm``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+from rich.console import Console
+from tqdm import tqdm
+
+from lancet.plan.artifact import write_artifact
+from lancet.capture.trace import capture_step
+from lancet.app.config import RunConfig
+from lancet.cost.comm import (
+    DEFAULT_SIZES,
+    KINDS,
+    CommProfile,
+    measure_contention,
+    measure_issue_ms,
+    measure_shared_directions,
+    sweep,
+)
+from lancet.cost.profile import profile_graph
+from lancet.runtime.dist import rank_runtime
+
+
+def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_parts: int = 1) -> dict:
+    """Capture the step (or its ``tutel-d<tutel_parts>`` rewrite), time every compute node over ``passes`` batches,
+    write the agreed profile (rank 0)."""
+    from lancet.plan.plan import tutel_graph
+    from lancet.app.train import build_session
+
+    with rank_runtime(run.network) as runtime:
+        session = build_session(run, runtime)
+        tokens, targets = session.batch(0)
+        if tutel_parts == 1:
+            train_graph = capture_step(session.train_step, tokens, targets)
+        else:
+            train_graph = tutel_graph(session.train_step, tokens, targets, tutel_parts)
+        batches = [[*session.params, *session.batch(step)] for step in range(passes)]
+        bar = tqdm(total=passes, desc="profile passes", disable=not runtime.is_main)
+        profile = profile_graph(
+            train_graph.gm, batches, runtime.device, runtime.group, reps=reps, progress=lambda i: bar.update(1)
+        )
+        bar.close()
+        profile.optimizer_ms = optimizer_ms(session, reps)
+        payload = {"spec": asdict(run.spec), "profile": profile.to_json(), "tutel_parts": tutel_parts}
+        if runtime.is_main:
+            write_artifact(out_path, "profile", run.identity(runtime.world_size, runtime.device), payload)
+            total = sum(profile.node_ms.values())
+            Console().print(
+                f"profiled {len(profile.node_ms)} compute nodes ({len(profile.op_ms())} distinct ops), "
+                f"sum {total:.2f} ms per step, optimizer {profile.optimizer_ms:.2f} ms -> {out_path}"
+            )
+        return payload
+
+
+def optimizer_ms(session, reps: int) -> float:
+    """Time of one optimizer update after the step (gradients handed over, step, zero_grad), slowest rank.
+
+    The longer of the device time and the host's issue time; measured on zero gradients of the real shapes.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from lancet.cost.clock import Clock
+    from lancet.step.train_step import StepResult
+
+    grads = [torch.zeros_like(p) for p in session.params]
+    update = lambda: session.apply(StepResult(torch.zeros(()), grads, []))  # noqa: E731
+    clock = Clock(session.runtime.device)
+    update()
+    device_ms, host_ms = clock.time_ms(update, reps)
+    slowest = torch.tensor([max(device_ms, host_ms)], dtype=torch.float64, device=session.runtime.device)
+    if session.runtime.group is not None and dist.get_world_size(session.runtime.group) > 1:
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=session.runtime.group)
+    return float(slowest.item())
+
+
+def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: int) -> dict:
+    """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
+    with rank_runtime(run.network) as runtime:
+        bar = tqdm(total=len(sizes) * len(KINDS), desc="comm sweep", disable=not runtime.is_main)
+        curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.update(1))
+        bar.close()
+        compute_slowdown, comm_slowdown = measure_contention(runtime.group, runtime.device)
+        comm = CommProfile(
+            curves=curves,
+            contention=compute_slowdown,
+            comm_contention=comm_slowdown,
+            issue_ms=measure_issue_ms(runtime.group, runtime.device),
+            shared_directions=measure_shared_directions(runtime.group, runtime.device),
+        )
+        payload = {"comm": comm.to_json()}
+        if runtime.is_main:
+            identity = replace(run.identity(runtime.world_size, runtime.device), model="", gate="", dtype="")
+            write_artifact(out_path, "comm", identity, payload)
+            largest, ms = comm.curves["all_to_all"].points[-1]
+            Console().print(
+                f"all-to-all of {largest / 2**20:.1f} MiB: {ms:.3f} ms; compute slowdown under comm "
+                f"x{comm.contention:.3f}, comm slowdown under compute x{comm.comm_contention:.3f}, directions share "
+                f"the link {comm.shared_directions if comm.shared_directions is None else round(comm.shared_directions, 2)}"
+                f" -> {out_path}"
+            )
+        return payload
+
+
+def step_for_profile(document: dict):
+    """The step (rank 0's view, on the current process group) and a batch for the run a profile was made for."""
+    import torch
+    import torch.distributed as dist
+
+    from lancet.app.config import ModelSpec
+    from lancet.app.data import BatchSource
+    from lancet.app.train import AUTOCAST
+    from lancet.models import build_model
+    from lancet.plan.artifact import ArtifactMismatch, identity_from_json
+    from lancet.step.train_step import TrainStep
+
+    identity = identity_from_json(document["identity"])
+    cfg = ModelSpec(**document["spec"]).model_config()
+    device = torch.device("cuda", 0) if identity.device.startswith("cuda") else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ArtifactMismatch(f"the profile was made on {identity.device}; optimize it on a machine with that GPU")
+    group = dist.group.WORLD
+    step = TrainStep(build_model(cfg, group, device=device), group, autocast_dtype=AUTOCAST[identity.dtype])
+    source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
+    tokens, targets = (t.to(device) for t in source.batch(0, 0))
+    return step, tokens, targets
+
+
+__all__ = ["DEFAULT_SIZES", "profile_comm_worker", "profile_worker", "step_for_profile"]

@@ -1,0 +1,1 @@
+"""Tracing a training step into one fx graph."""

@@ -1,0 +1,212 @@
+"""Capture one whole training step as one fx graph.
+
+``capture_step`` traces ``TrainStep`` -- forward, loss, backward and the
+bucketed data-parallel all-reduce -- with ``make_fx(tracing_mode="symbolic")``.
+Inputs are fake tensors with static shapes (parameters and batch have fixed
+shapes), while values read back to the host (``.tolist()`` of the routing
+counts) become unbacked symbols: the split sizes of every irregular
+all-to-all stay data-dependent and are recomputed on each replay.
+
+Forward nodes carry ``node.meta["custom"]["module"]``, the qualified name of
+the module that produced them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import linecache
+import os
+import traceback
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.fx.traceback as fx_traceback
+from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+from lancet.step.train_step import TrainStep
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class CaptureError(RuntimeError):
+    """The step could not be traced; the message names the op, the module and the source line."""
+
+
+@dataclass(slots=True)
+class TrainGraph:
+    """A captured training step.
+
+    Inputs: ``num_params`` parameters (``param_names`` order), then tokens,
+    then targets. Outputs: loss, ``num_params`` gradients, then one keep mask
+    per MoE layer.
+    """
+
+    gm: fx.GraphModule
+    param_names: list[str]
+    batch_shape: tuple[int, ...]
+    device: torch.device
+
+    @property
+    def num_params(self) -> int:
+        return len(self.param_names)
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+
+@contextlib.contextmanager
+def _module_annotations(root: nn.Module) -> Iterator[list[tuple[str, str]]]:
+    """Annotate traced nodes with their module; yields the live module stack (for error messages)."""
+    names = {id(m): name for name, m in root.named_modules()}
+    stack: list[tuple[str, str]] = []
+    contexts: list[contextlib.AbstractContextManager] = []
+
+    def enter(module, args):
+        name = names.get(id(module))
+        if name is None:
+            return
+        stack.append((name or "<model>", type(module).__name__))
+        ctx = fx_traceback.annotate({"module": name or "<model>"})
+        ctx.__enter__()
+        contexts.append(ctx)
+
+    def leave(module, args, output):
+        if id(module) in names and stack:
+            stack.pop()
+            contexts.pop().__exit__(None, None, None)
+
+    pre = nn.modules.module.register_module_forward_pre_hook(enter)
+    post = nn.modules.module.register_module_forward_hook(leave)
+    try:
+        yield stack
+    finally:
+        pre.remove()
+        post.remove()
+        while contexts:
+            contexts.pop().__exit__(None, None, None)
+
+
+def _failing_op(tb) -> str | None:
+    """The op being dispatched when tracing failed: the innermost aten op or torch function in the traceback."""
+    op = None
+    while tb is not None:
+        frame = tb.tb_frame
+        for local in ("func", "self"):
+            candidate = frame.f_locals.get(local)
+            if isinstance(candidate, torch._ops.OpOverload):
+                op = str(candidate)
+        candidate = frame.f_locals.get("func")
+        if frame.f_code.co_name == "__torch_function__" and callable(candidate):
+            op = getattr(candidate, "__qualname__", None) or repr(candidate)
+        tb = tb.tb_next
+    return op
+
+
+def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
+    """The innermost frame outside torch itself: the model line that could not be traced."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    return frames[-1] if frames else None
+
+
+def describe_capture_failure(err: BaseException, module_stack: list[tuple[str, str]]) -> str:
+    op = _failing_op(err.__traceback__)
+    frame = _user_frame(err)
+    where = f"module {module_stack[-1][0]!r} ({module_stack[-1][1]})" if module_stack else "the step function"
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    lines = [f"cannot capture the training step: {type(err).__name__} in {where}"]
+    if op:
+        lines.append(f"  op: {op}")
+    if frame is not None:
+        source = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+        lines.append(f"  at {frame.filename}:{frame.lineno}: {source}")
+    lines.append(f"  reason: {reason}")
+    if "data-dependent" in reason or "GuardOnDataDependent" in type(err).__name__:
+        lines.append(
+            "  hint: Python control flow on tensor values cannot be captured; express the decision with tensor "
+            "ops (torch.where, masks) instead"
+        )
+    return "\n".join(lines)
+
+
+def fake_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Fake copies with static shapes, sharing one shape environment for unbacked symbols."""
+    mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True, allow_non_fake_inputs=False)
+    return [mode.from_tensor(t, static_shapes=True) for t in tensors]
+
+
+def _trace(fn, inputs: list[torch.Tensor], model: nn.Module) -> fx.GraphModule:
+    """make_fx over static-shape fake inputs, with module annotations and readable failures."""
+    fakes = fake_inputs(inputs)
+    with _module_annotations(model) as module_stack, fx_traceback.preserve_node_meta():
+        try:
+            return make_fx(fn, tracing_mode="symbolic")(*fakes)
+        except Exception as err:
+            raise CaptureError(describe_capture_failure(err, list(module_stack))) from err
+
+
+def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> TrainGraph:
+    """Trace ``train_step`` on a batch shaped like ``tokens_BS`` into a TrainGraph.
+
+    Raises CaptureError with the failing op, module and source line when the
+    step cannot be traced.
+    """
+    params = train_step.parameters()
+    num_params = len(params)
+
+    def flat_step(*inputs: torch.Tensor):
+        result = train_step(list(inputs[:num_params]), inputs[num_params], inputs[num_params + 1])
+        return (result.loss, *result.grads, *result.keep)
+
+    gm = _trace(flat_step, [*params, tokens_BS, targets_BS], train_step.model)
+    return TrainGraph(
+        gm=gm,
+        param_names=list(train_step.param_names),
+        batch_shape=tuple(tokens_BS.shape),
+        device=tokens_BS.device,
+    )
+
+
+@dataclass(slots=True)
+class ForwardGraph:
+    """The forward of a step: inputs are the parameters, tokens, targets; outputs loss then keep masks.
+
+    Nodes keep the trace's ``val`` (fake tensors) and annotations, which the
+    partition pass reads.
+    """
+
+    gm: fx.GraphModule
+    param_names: list[str]
+    batch_shape: tuple[int, ...]
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+
+def capture_forward(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> ForwardGraph:
+    """Trace only the forward and loss of ``train_step`` (autocast applied inside the graph)."""
+    params = train_step.parameters()
+    num_params = len(params)
+
+    def flat_forward(*inputs: torch.Tensor):
+        with fx_traceback.annotate({"phase": "forward"}):
+            loss, keep = train_step.forward_loss(list(inputs[:num_params]), inputs[num_params], inputs[num_params + 1])
+        return (loss, *keep)
+
+    gm = _trace(flat_forward, [*params, tokens_BS, targets_BS], train_step.model)
+    return ForwardGraph(gm=gm, param_names=list(train_step.param_names), batch_shape=tuple(tokens_BS.shape))
+
+
+def capture_step_from_forward(
+    train_step: TrainStep, forward_graph: ForwardGraph, tokens_BS: torch.Tensor, targets_BS: torch.Tensor
+) -> TrainGraph:
+    """The whole step whose forward is ``forward_graph`` (e.g. rewritten by a pass); autograd derives its backward.
+
+    Annotations of the forward graph's nodes carry over to the nodes they become.
+    """
+    return capture_step(train_step.with_forward_graph(forward_graph.gm), tokens_BS, targets_BS)

@@ -1,0 +1,1 @@
+"""Measuring steps: profiler-trace metrics, timelines, rank skew."""

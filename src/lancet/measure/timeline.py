@@ -1,0 +1,48 @@
+"""``lancet timeline``: a PNG of one step from a profiler trace or a predicted (simulator) trace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lancet.measure.trace_metrics import load_trace, plot_timeline
+
+
+def is_predicted(trace: dict) -> bool:
+    return any(
+        e.get("ph") == "M" and "(predicted)" in str(e.get("args", {}).get("name", "")) for e in trace["traceEvents"]
+    )
+
+
+def plot_predicted(trace: dict, path: str | Path, title: str = "predicted") -> None:
+    """PNG of a simulator Chrome trace in the same two-lane layout as measured timelines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    end = max((e["ts"] + e["dur"] for e in events), default=0.0) / 1e3
+    fig, ax = plt.subplots(figsize=(12, 2.6))
+    compute = [(e["ts"] / 1e3, e["dur"] / 1e3) for e in events if e["pid"] == 0]
+    ax.broken_barh(compute, (10, 8), facecolors="tab:blue", label="compute")
+    for label, key, colour in (("all-to-all", "all_to_all", "tab:red"), ("all-reduce", "all_reduce", "tab:green")):
+        bars = [(e["ts"] / 1e3, e["dur"] / 1e3) for e in events if e["pid"] == 1 and key in e.get("cat", "")]
+        if bars:
+            ax.broken_barh(bars, (0, 8), facecolors=colour, label=label)
+    ax.set_yticks([4, 14], labels=["communication", "compute"])
+    ax.set_ylim(-2, 26)
+    ax.set_xlim(0, end)
+    ax.set_xlabel("ms from step start")
+    ax.set_title(f"{title}: {end:.2f} ms")
+    ax.legend(loc="upper right", fontsize="small", ncols=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def render(trace_path: str, out_path: str, step: int = 0) -> None:
+    trace = load_trace(trace_path)
+    if is_predicted(trace):
+        plot_predicted(trace, out_path)
+    else:
+        plot_timeline(trace, step, out_path)

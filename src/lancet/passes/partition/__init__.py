@@ -1,0 +1,1 @@
+"""Forward partition: token-axis rules, the partition rewrite, and the range search."""

@@ -1,0 +1,1 @@
+"""Plans: the passes' decisions as files, the optimizer that chooses them, and the artifact format."""

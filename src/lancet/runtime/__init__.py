@@ -1,0 +1,1 @@
+"""Running a step: process groups and launching ranks, executors of captured graphs."""

@@ -1,0 +1,42 @@
+"""Run a captured (and possibly rewritten) training-step graph every step.
+
+The graph is traced once; each call replays it on the current parameters and
+a fresh batch. Routing, and with it every all-to-all's split sizes, is
+recomputed from the data on each replay. Gradients are handed back in
+parameter order for a standard torch optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lancet.capture.trace import TrainGraph, capture_step
+from lancet.step.train_step import StepResult
+
+
+class CapturedStep:
+    """Callable with the eager ``TrainStep`` signature that runs a TrainGraph."""
+
+    def __init__(self, train_graph: TrainGraph) -> None:
+        self.train_graph = train_graph
+        self._forward = train_graph.gm.forward
+
+    def __call__(self, params: list[torch.Tensor], tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> StepResult:
+        graph = self.train_graph
+        if tuple(tokens_BS.shape) != graph.batch_shape or tuple(targets_BS.shape) != graph.batch_shape:
+            raise ValueError(f"batch of shape {tuple(tokens_BS.shape)} given to a graph captured for {graph.batch_shape}")
+        with torch.no_grad():
+            outputs = self._forward(*params, tokens_BS, targets_BS)
+        num_params = graph.num_params
+        return StepResult(
+            loss=outputs[0], grads=list(outputs[1 : 1 + num_params]), keep=list(outputs[1 + num_params :])
+        )
+
+
+def captured_runner(session, plan_path: str | None = None, variant: str = "lancet") -> CapturedStep:
+    """Capture the session's step on its first batch and return the executor (``variant`` of a plan if given)."""
+    if plan_path is not None:
+        from lancet.plan.plan import plan_runner_graph
+
+        return CapturedStep(plan_runner_graph(session, plan_path, variant))
+    return CapturedStep(capture_step(session.train_step, *session.batch(0)))

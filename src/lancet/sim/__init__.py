@@ -1,0 +1,1 @@
+"""The timeline simulator of a step graph, and the interval arithmetic it shares with measurement."""

@@ -1,0 +1,26 @@
+"""Test tiers, as markers: unit (one process, seconds), multirank (gloo ranks), e2e (the CLI end to end), gpu.
+
+Each test gets the marker of its folder unless it carries a tier marker of its own. The fast tier is
+``pytest -m unit``; GPU tests skip where there is no CUDA device.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TIERS = ("unit", "multirank", "e2e", "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        folder = item.path.parent.name
+        if folder in TIERS:
+            item.add_marker(getattr(pytest.mark, folder))
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
