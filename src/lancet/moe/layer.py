@@ -117,9 +117,10 @@ class MoELayer(nn.Module):
         buffer_ECM = slot_scatter(tokens_TM.to(dtype), slot_T, experts, cf)
         received_WNM = exchange_even(buffer_ECM.view(world, -1, d_model), self.group)
         # Rows arrive as (source rank, local expert, slot); the experts want (local expert, source rank, slot).
-        rows_LNM = received_WNM.view(world, local, -1, d_model).transpose(0, 1).reshape(local, -1, d_model)
+        # (contiguous + view, not reshape: reshape would trace with the capacity written out as a constant)
+        rows_LNM = received_WNM.view(world, local, -1, d_model).transpose(0, 1).contiguous().view(local, -1, d_model)
         out_LNM = self.experts.forward_padded(rows_LNM)
-        back_WNM = out_LNM.view(local, world, -1, d_model).transpose(0, 1).reshape(world, -1, d_model)
+        back_WNM = out_LNM.view(local, world, -1, d_model).transpose(0, 1).contiguous().view(world, -1, d_model)
         returned_ECM = exchange_even(back_WNM, self.group).view(experts, -1, d_model)
         out_TM = slot_gather(returned_ECM, slot_T, experts, cf) * weight_T[:, None].to(dtype)
         return out_TM, (slot_T >= 0)[:, None]

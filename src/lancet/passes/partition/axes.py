@@ -15,6 +15,13 @@ on the whole tensor. An op with no rule at all raises ``NoRule``.
 
 Token dims must hold whole samples (sample-major, sizes multiple of the batch
 size), so splitting a token dim into parts splits samples.
+
+The padded dispatch's custom ops are part-local by the micro-batch contract:
+``lancet::capacity_slots`` on a slice of the tokens computes that slice's own
+capacity and slots (token axis, part-exact by that contract);
+``lancet::slot_scatter`` makes a capacity-sized buffer of the part's rows
+(``rows``: part-local, no token axis); ``lancet::slot_gather`` brings a part's
+rows back into token order (token axis of its slots).
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+import lancet.moe.padded  # noqa: F401  (registers the lancet:: ops the rules name)
+
 aten = torch.ops.aten
+lancet_ops = torch.ops.lancet
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,6 +426,29 @@ def _assert(node: fx.Node, ctx: Context) -> Inferred:
     return Inferred(REPLICATED)
 
 
+ROWS = Axis("rows")
+"""Part-local rows with no token axis (a capacity-sized buffer of one part's tokens)."""
+
+
+def _capacity_slots(node: fx.Node, ctx: Context) -> Inferred:
+    axis = ctx.axis(node.args[0])
+    if axis != TOKEN(0):
+        raise NoRule(f"{node.name}: capacity slots of a value without tokens on dim 0")
+    return Inferred(axis)
+
+
+def _slot_scatter(node: fx.Node, ctx: Context) -> Inferred:
+    if ctx.axis(node.args[0]) != TOKEN(0) or ctx.axis(node.args[1]) != TOKEN(0):
+        raise NoRule(f"{node.name}: slot scatter of rows and slots that are not token-major")
+    return Inferred(ROWS)
+
+
+def _slot_gather(node: fx.Node, ctx: Context) -> Inferred:
+    if ctx.axis(node.args[1]) != TOKEN(0):
+        raise NoRule(f"{node.name}: slot gather by slots that are not token-major")
+    return Inferred(TOKEN(0))
+
+
 POINTWISE = [
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
     aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.neg.default, aten.exp.default,
@@ -491,6 +524,9 @@ RULES.update(
         aten.nll_loss_forward.default: _nll_loss,
         aten._assert_async.msg: _assert,
         aten._assert_async.default: _assert,
+        lancet_ops.capacity_slots.default: _capacity_slots,
+        lancet_ops.slot_scatter.default: _slot_scatter,
+        lancet_ops.slot_gather.default: _slot_gather,
     }
 )
 
