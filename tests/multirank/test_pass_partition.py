@@ -1,4 +1,5 @@
-"""Partitioning ranges of the forward into parts: same loss, gradients and dropped tokens as unpartitioned."""
+"""Partitioning ranges of the forward into parts (ragged dispatch): same loss, gradients and dropped tokens as
+unpartitioned. (Padded layers drop per part: tests/multirank/test_padded_dispatch.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from lancet.runtime.captured import CapturedStep
 from lancet.step.train_step import TrainStep
 from tests.distributed import run_ranks
 
-GATES = [GateConfig(kind="switch"), GateConfig(kind="batch_prioritized"), GateConfig(kind="topk", topk=2)]
+GATES = [
+    GateConfig(kind="switch", dispatch="ragged"),
+    GateConfig(kind="batch_prioritized", dispatch="ragged"),
+    GateConfig(kind="topk", topk=2),
+]
 BATCH = 12  # divisible by 2, 3 and 4
 # fp32; partitioned sums (expert weight gradients over parts) reassociate, hence a tolerance.
 RTOL = 1e-5
