@@ -101,6 +101,13 @@ def _refuse_half_dispatch(group):
         partition_pass(forward, PartitionDecisions([Region(start, dispatch[3], 2)]), BATCH)
     with pytest.raises(PartitionError, match="cannot be split into 5 parts"):
         partition_pass(forward, PartitionDecisions([Region(start, dispatch[-1], 5)]), BATCH)
+    # Padded: parts of 12 tokens over 4 experts at capacity factor 0.25 would have no slot at all.
+    step, source = _setup(group, GateConfig(kind="switch", capacity_factor=0.25))
+    forward = capture_forward(step, *source.batch(0, group.rank()))
+    region = Region(*module_span(forward, "blocks.0.mlp"), 4)
+    with pytest.raises(PartitionError, match="capacity 0"):
+        partition_pass(forward, PartitionDecisions([region]), BATCH)
+    partition_pass(forward, PartitionDecisions([Region(region.start, region.end, 2)]), BATCH)
     return True
 
 

@@ -51,6 +51,7 @@ from torch import fx
 
 from lancet.capture.trace import ForwardGraph
 from lancet.graph.roles import carries_tokens
+from lancet.moe.gates import capacity
 from lancet.passes.partition.axes import REPLICATED, Axis, Context, Inferred, NoRule, TOKEN, infer
 from lancet.passes.merge_counts import merge_count_exchanges
 from lancet.passes.pipeline import pipeline_order
@@ -127,8 +128,8 @@ class _StrictContext(Context):
 def infer_forward_axes(graph: fx.Graph, num_params: int, batch_size: int) -> dict[fx.Node, Inferred]:
     """Axes of every forward node (params replicated, tokens/targets on dim 0); unknown where no rule applies.
 
-    Dispatch-stage nodes are ``rows`` (part-local); one consumed outside its stage must be the combine's
-    token-major output, so it is ``TOKEN(0)``.
+    Dispatch-stage nodes are ``rows`` (part-local); one consumed outside its stage (or returned) must be
+    token-major: the combine's output, or the keep mask the padded dispatch decides. It is ``TOKEN(0)``.
     """
     axes: dict[fx.Node, Inferred] = {}
     ctx = _StrictContext(axes, batch_size)
@@ -247,6 +248,20 @@ def _check_dispatch_complete(graph: fx.Graph, nodes: list[fx.Node]) -> None:
     for node in graph.nodes:
         if is_dispatch(node) and _module(node) in layers and node not in members:
             raise PartitionError(f"the MoE dispatch of {_module(node)} is only partly inside the region")
+
+
+def _check_part_capacity(nodes: list[fx.Node], parts: int) -> None:
+    """Each part of a padded layer needs a capacity of at least one slot per expert."""
+    for node in nodes:
+        if str(node.target) != _CAPACITY_SLOTS:
+            continue
+        tokens = int(node.args[0].meta["val"].shape[0]) // parts
+        num_experts, capacity_factor = node.args[2], node.args[3]
+        if capacity(tokens, num_experts, capacity_factor) < 1:
+            raise PartitionError(
+                f"{_module(node)}: a part of {tokens} tokens has capacity 0 for {num_experts} experts at capacity "
+                f"factor {capacity_factor:g}"
+            )
 
 
 class _Rewriter:
@@ -418,6 +433,7 @@ def partition_pass(forward: ForwardGraph, decisions: PartitionDecisions, batch_s
             raise PartitionError(f"batch of {batch_size} samples cannot be split into {spec.parts} parts")
         nodes = _range(gm.graph, spec)
         _check_dispatch_complete(gm.graph, nodes)
+        _check_part_capacity(nodes, spec.parts)
         region = _Region(spec=spec, nodes=nodes, mode=_classify(nodes, axes))
         _Rewriter(gm.graph, region, axes).run()
         gm.graph.lint()
