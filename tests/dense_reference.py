@@ -18,7 +18,9 @@ from lancet.moe import MoELayer, MoEOutput
 from lancet.step.train_step import TrainStep
 
 
-def python_keep(experts: list[int], probs: list[float], num_experts: int, capacity_factor: float, kind: str) -> list[bool]:
+def python_keep(
+    experts: list[int], probs: list[float], num_experts: int, capacity_factor: float, kind: str
+) -> list[bool]:
     """switch: first come, first served in token order; batch_prioritized: highest probability first, ties to
     the earlier token. Capacity int(cf * ceil(T / E)) per expert."""
     capacity = int(capacity_factor * math.ceil(len(experts) / num_experts))

@@ -129,9 +129,10 @@ def _captured_rank(group) -> list[tuple]:
         experts = expert_parameter_names(model)
         ranges = {"attention": attention_ranges(forward), "dispatch": dispatch_ranges(forward.graph)}
         for label, parts in PARTITIONS[gate.kind]:
-            reference = dense_reference_step(cfg, world, [source.batch(0, r) for r in range(world)], seed=7, parts=parts)
-            regions = [Region(start, end, parts) for start, end in ranges[label]]
-            partitioned = capture_partitioned_step(step, partition_pass(forward, PartitionDecisions(regions), BATCH), *batch)
+            shards = [source.batch(0, r) for r in range(world)]
+            reference = dense_reference_step(cfg, world, shards, seed=7, parts=parts)
+            regions = PartitionDecisions([Region(start, end, parts) for start, end in ranges[label]])
+            partitioned = capture_partitioned_step(step, partition_pass(forward, regions, BATCH), *batch)
             part_analysis = analyze(partitioned)
             assert not part_analysis.host_syncs
             assert len(part_analysis.collectives_of("all_to_all", "forward")) == 2 * 2 * parts

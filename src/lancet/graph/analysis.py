@@ -173,8 +173,8 @@ def _moe_layers(collectives: list[Collective], reach: Reachability) -> list[MoEL
     layers = []
     for i, (dispatch, combine) in enumerate(forward):
         combine_grad, dispatch_grad = backward.get(i, (None, None))
-        roles = ((dispatch, "dispatch"), (combine, "combine"), (combine_grad, "combine_grad"), (dispatch_grad, "dispatch_grad"))
-        for c, purpose in roles:
+        roles = {"dispatch": dispatch, "combine": combine, "combine_grad": combine_grad, "dispatch_grad": dispatch_grad}
+        for purpose, c in roles.items():
             if c is not None:
                 c.purpose = purpose
         key = _split_key(dispatch.start)
