@@ -98,3 +98,29 @@ def test_captured_step_holds_no_full_float32_logits():
     assert (8, padded_vocab) in shapes  # float32 logits of one chunk of 8 tokens ...
     vocab_wide = [s for s in shapes if s[-1] in (cfg.vocab_size, padded_vocab)]
     assert not [s for s in vocab_wide if math.prod(s[:-1]) >= tokens]  # ... never of all 24
+
+
+def test_the_loss_ops_have_token_axis_rules():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from lancet.losses import _chunk_loss_and_grads
+    from lancet.passes.partition.axes import REPLICATED, TOKEN, Context, Inferred, NoRule, infer
+
+    def chunk(hidden, weight, targets, real):
+        return _chunk_loss_and_grads(hidden, weight, targets, real, 0.5, True)
+
+    hidden, weight, targets = (t.detach() for t in _inputs())
+    graph = make_fx(chunk)(hidden, weight, targets, torch.arange(P) < V)
+    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    axes = dict(zip(placeholders, [Inferred(a) for a in (TOKEN(0), REPLICATED, TOKEN(0), REPLICATED)]))
+    found = {}
+    for node in graph.graph.nodes:
+        if node.op == "call_function":
+            try:
+                axes[node] = infer(node, Context(axes, batch_size=1))
+            except NoRule:  # the weight gradient contracts the tokens
+                continue
+            found.setdefault(str(node.target), axes[node].axis)
+    assert found["aten.logsumexp.default"] == TOKEN(0)
+    assert found["aten.gather.default"] == TOKEN(0)
+    assert found["aten.scatter_add.default"] == TOKEN(0)

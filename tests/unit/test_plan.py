@@ -16,6 +16,7 @@ from lancet.graph.roles import Role, is_view, node_role
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
 from lancet.plan.optimize import fake_process_group
+from lancet.passes.partition.axes import unsupported_ops
 from lancet.passes.partition.rewrite import drop_semantics
 from lancet.passes.partition.select import candidate_ranges, dispatch_ranges, select_partitions
 from lancet.plan.plan import Plan, PlanMismatch, VariantPlan, build_step_graph, choose_order, load_plan
@@ -127,4 +128,5 @@ def test_plans_name_the_drop_semantics_of_their_dispatch(dispatch, semantics):
         source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
         forward = capture_forward(step, *source.batch(0, 0))
         assert drop_semantics(forward.graph) == semantics
+        assert unsupported_ops(forward.graph) == []  # the fused loss's ops have rules too
         assert len(dispatch_ranges(forward.graph)) == 1  # the Tutel-style range of the one MoE layer

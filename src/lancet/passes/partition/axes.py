@@ -341,6 +341,39 @@ def _cat(node: fx.Node, ctx: Context) -> Inferred:
     return _inexact_if_permuted(axis)
 
 
+def _stack(node: fx.Node, ctx: Context) -> Inferred:
+    axes = {ctx.axis(t) for t in node.args[0]}
+    if axes == {REPLICATED}:
+        return Inferred(REPLICATED)
+    if len(axes) != 1:
+        raise NoRule(f"{node.name}: stack of split and whole values")
+    axis = axes.pop()
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, _ndim(node))
+    return _inexact_if_permuted(Axis(axis.kind, axis.dim + 1 if dim <= axis.dim else axis.dim))
+
+
+def _gather(node: fx.Node, ctx: Context) -> Inferred:
+    """gather(source, dim, index) along a non-token dim: the output follows the index's token axis."""
+    source, index = ctx.axis(node.args[0]), ctx.axis(node.args[2])
+    dim = _norm(node.args[1], _ndim(node.args[0]))
+    if source.kind != "replicated" and (source != index or dim == source.dim):
+        raise NoRule(f"{node.name}: gather along or across the token axis")
+    return _inexact_if_permuted(index)
+
+
+def _scatter_add(node: fx.Node, ctx: Context) -> Inferred:
+    """scatter_add(buffer, dim, index, src) along a non-token dim: token-wise."""
+    axes = {ctx.axis(node.args[i]) for i in (0, 2, 3)} - {REPLICATED}
+    if not axes:
+        return Inferred(REPLICATED)
+    if len(axes) != 1:
+        raise NoRule(f"{node.name}: scatter_add operands disagree on the token axis")
+    axis = axes.pop()
+    if _norm(node.args[1], _ndim(node)) == axis.dim:
+        raise NoRule(f"{node.name}: scatter_add along the token axis")
+    return _inexact_if_permuted(axis)
+
+
 def _getitem(node: fx.Node, ctx: Context) -> Inferred:
     source = ctx.axes.get(node.args[0])
     if source is None:
@@ -456,7 +489,7 @@ POINTWISE = [
     aten.relu.default, aten.gelu.default, aten.sigmoid.default, aten.where.self, aten.ge.Scalar, aten.gt.Scalar,
     aten.lt.Scalar, aten.le.Scalar, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ge.Tensor,
     aten.gt.Tensor, aten.lt.Tensor, aten.logical_and.default, aten.logical_not.default,
-    aten.bitwise_and.Tensor, aten.clamp.default, aten.clamp_min.default, aten.masked_fill.Scalar,
+    aten.bitwise_and.Tensor, aten.bitwise_not.default, aten.clamp.default, aten.clamp_min.default, aten.masked_fill.Scalar,
     aten.floor_divide.default, aten.remainder.Scalar,
 ]
 LIKE = [
@@ -503,6 +536,10 @@ RULES.update(
         aten.all.default: _reduce,
         aten.any.default: _reduce,
         aten.amax.default: _reduce,
+        aten.logsumexp.default: _reduce,
+        aten.stack.default: _stack,
+        aten.gather.default: _gather,
+        aten.scatter_add.default: _scatter_add,
         aten._softmax.default: _along("softmax"),
         aten._log_softmax.default: _along("log_softmax"),
         aten.cumsum.default: _along("cumsum"),
