@@ -124,3 +124,16 @@ def test_the_loss_ops_have_token_axis_rules():
     assert found["aten.logsumexp.default"] == TOKEN(0)
     assert found["aten.gather.default"] == TOKEN(0)
     assert found["aten.scatter_add.default"] == TOKEN(0)
+
+
+def test_the_model_loss_equals_cross_entropy_of_its_logits():
+    from lancet.models import lm_loss
+
+    cfg = model_config("gpt2_moe_nl2_m16_nh2_sl8_b3", vocab_size=97, gate=GateConfig(kind="switch"))
+    model = build_model(cfg, None, world_size=1)
+    tokens, targets = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size).batch(0, 0)
+    out = model(tokens)
+    logits = out.logits()
+    assert logits.shape == (cfg.batch_size, cfg.seq_len, cfg.vocab_size)
+    plain = F.cross_entropy(logits.reshape(-1, cfg.vocab_size).float(), targets.reshape(-1)) + out.aux_loss
+    torch.testing.assert_close(lm_loss(out, targets), plain, rtol=1e-5, atol=0)
