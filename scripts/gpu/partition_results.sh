@@ -6,7 +6,7 @@
 #        bash scripts/gpu/partition_results.sh 3   (profile again plus a tutel-d2 profile and the estimate check
 #                                                   (CHECK=0: no check), then plans and benches for NETS; comm curves
 #                                                   measured when COMM_PROFILE=1, else copied from COMM_DIR or .results)
-# Env: MODEL, GATE, NETS, VARIANTS (VARIANTS_<net> for one regime), STEPS, ROUNDS (bench --rounds), TAG (names the output),
+# Env: MODEL, GATE, DISPATCH (padded or ragged; default: the gate's), NETS, VARIANTS (VARIANTS_<net> for one regime), STEPS, ROUNDS (bench --rounds), TAG (names the output),
 #      BUDGET_S (stop starting benches after this many seconds, default 540) or DEADLINE (epoch seconds),
 #      NEED_S (seconds a bench needs to be started, default 150), PROFILE_PER_NET=1 (profile under each regime of NETS,
 #      so the plan prices collectives by their times measured there; part 3 then skips the native profile, use CHECK=0).
@@ -16,6 +16,7 @@ source scripts/gpu/env.sh
 PART=${1:-1}
 M=${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}
 G=${GATE:-switch}
+DISPATCH_ARGS=${DISPATCH:+--dispatch $DISPATCH}
 TAG=${TAG:-$PART}
 R=/tmp/results_$TAG; mkdir -p $R
 T=/tmp/traces_$TAG; mkdir -p $T
@@ -30,11 +31,11 @@ bench() {
     local profile=$P/profile.json
     if [ "${PROFILE_PER_NET:-0}" = 1 ]; then  # collectives timed under this regime price the plan
         profile=$R/profile_$net.json
-        step $LANCET profile --model $M --dtype bf16 --gate $G --network $net --out $profile --passes 3 --reps 5
+        step $LANCET profile --model $M --dtype bf16 --gate $G $DISPATCH_ARGS --network $net --out $profile --passes 3 --reps 5
     fi
     step $LANCET optimize --profile $profile --comm $P/comm_$net.json --out $R/plan_$net.json --trace-dir $R/pred_$net
     local variants; variants=$(eval echo \${VARIANTS_$net:-$VARIANTS})
-    step $LANCET bench --model $M --dtype bf16 --gate $G --network $net --variants $variants --plan $R/plan_$net.json \
+    step $LANCET bench --model $M --dtype bf16 --gate $G $DISPATCH_ARGS --network $net --variants $variants --plan $R/plan_$net.json \
         --steps ${STEPS:-15} --rounds ${ROUNDS:-1} --warmup 3 --profile-steps 2 --json $R/bench_$net.json --trace-dir /tmp/tr_${TAG}_$net
     for d in /tmp/tr_${TAG}_$net/*/; do
         [ -d "$d" ] || continue; local v; v=$(basename $d)
@@ -46,7 +47,7 @@ if [ "$PART" = 1 ]; then
     # Partitioned capture on this device and torch, small and fast, before spending time on the large model.
     step $LANCET bench --model gpt2_moe_nl2_m64_nh4_sl32_b4 --dtype bf16 --variants captured,tutel-d2 --steps 2 \
         --warmup 1 --profile-steps 0 || exit 1
-    step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile.json --passes 3 --reps 5
+    step $LANCET profile --model $M --dtype bf16 --gate $G $DISPATCH_ARGS --out $R/profile.json --passes 3 --reps 5
     for NET in nvlink ib100 ib400; do
         step $LANCET profile-comm --network $NET --out $R/comm_$NET.json --reps 5
     done
@@ -59,9 +60,9 @@ elif [ "$PART" = 3 ]; then
     else
         cp ${COMM_DIR:-.results}/comm_*.json $R/
     fi
-    [ "${PROFILE_PER_NET:-0}" = 1 ] || step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile.json --passes 3 --reps 5
+    [ "${PROFILE_PER_NET:-0}" = 1 ] || step $LANCET profile --model $M --dtype bf16 --gate $G $DISPATCH_ARGS --out $R/profile.json --passes 3 --reps 5
     if [ "${CHECK:-1}" = 1 ]; then
-        step $LANCET profile --model $M --dtype bf16 --gate $G --out $R/profile_d2.json --passes 3 --reps 5 --tutel 2
+        step $LANCET profile --model $M --dtype bf16 --gate $G $DISPATCH_ARGS --out $R/profile_d2.json --passes 3 --reps 5 --tutel 2
         step python3 -m lancet.app.estimate_check --profile $R/profile.json --tutel-profile $R/profile_d2.json \
             --comm $R/comm_${CHECK_NET:-ib100}.json --json $R/estimate_check.json
     fi

@@ -47,6 +47,7 @@ def test_profile_optimize_bench_pipeline(tmp_path):
     shared = json.loads((tmp_path / "comm.json").read_text())["comm"]["shared_directions"]
     assert shared is not None and 0.0 <= shared <= 1.0
     plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["identity"]["gate"] == "switch_padded" and plan["drop_semantics"] == "micro-batch"
     assert profile["optimizer_ms"] > 0 and plan["predicted"]["after_ms"] == profile["optimizer_ms"]
 
     # The estimate of a partitioned step against its own measured profile; optimize refuses that profile.

@@ -14,9 +14,9 @@ from lancet.runtime.captured import CapturedStep
 from lancet.step.train_step import TrainStep
 from tests.distributed import run_ranks
 
-GATES = [
-    GateConfig(kind="switch"),
-    GateConfig(kind="batch_prioritized"),
+GATES = [  # ragged: new split sizes every step (the padded capture: test_padded_dispatch.py)
+    GateConfig(kind="switch", dispatch="ragged"),
+    GateConfig(kind="batch_prioritized", dispatch="ragged"),
     GateConfig(kind="topk", topk=2),
 ]
 

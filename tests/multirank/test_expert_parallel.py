@@ -1,4 +1,5 @@
-"""Expert-parallel model == one process holding all experts (loss, every gradient, dropped tokens)."""
+"""Expert-parallel model (ragged dispatch) == one process holding all experts (loss, every gradient, dropped
+tokens). The padded dispatch is checked against an independent dense reference in test_padded_dispatch.py."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from tests.distributed import run_ranks
 from tests.reference import reference_step
 
 GATES = [
-    GateConfig(kind="switch"),
-    GateConfig(kind="batch_prioritized"),
+    GateConfig(kind="switch", dispatch="ragged"),
+    GateConfig(kind="batch_prioritized", dispatch="ragged"),
     GateConfig(kind="topk", topk=1),
     GateConfig(kind="topk", topk=2),
-    GateConfig(kind="switch", capacity_factor=0.5, aux_loss_coef=0.01),
+    GateConfig(kind="switch", capacity_factor=0.5, aux_loss_coef=0.01, dispatch="ragged"),
 ]
 # fp32 parity at the noise floor of reassociated sums (ranks sum partial gradients in another order).
 RTOL, ATOL = 1e-5, 1e-6
@@ -64,7 +65,7 @@ def test_expert_parallel_matches_single_process(world):
 
 def test_switch_drops_tokens_in_this_setup():
     """The comparison above is only meaningful if capacity actually drops tokens."""
-    cfg = small_config(GateConfig(kind="switch"))
+    cfg = small_config(GateConfig(kind="switch", dispatch="ragged"))
     model = build_model(cfg, None, world_size=2)
     source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=3)
     result = TrainStep(model, None)(list(model.parameters()), *source.batch(0, 0))

@@ -1,4 +1,5 @@
-"""Partitioning ranges of the forward into parts: same loss, gradients and dropped tokens as unpartitioned."""
+"""Partitioning ranges of the forward into parts (ragged dispatch): same loss, gradients and dropped tokens as
+unpartitioned. (Padded layers drop per part: tests/multirank/test_padded_dispatch.py.)"""
 
 from __future__ import annotations
 
@@ -17,7 +18,11 @@ from lancet.runtime.captured import CapturedStep
 from lancet.step.train_step import TrainStep
 from tests.distributed import run_ranks
 
-GATES = [GateConfig(kind="switch"), GateConfig(kind="batch_prioritized"), GateConfig(kind="topk", topk=2)]
+GATES = [
+    GateConfig(kind="switch", dispatch="ragged"),
+    GateConfig(kind="batch_prioritized", dispatch="ragged"),
+    GateConfig(kind="topk", topk=2),
+]
 BATCH = 12  # divisible by 2, 3 and 4
 # fp32; partitioned sums (expert weight gradients over parts) reassociate, hence a tolerance.
 RTOL = 1e-5
@@ -96,6 +101,13 @@ def _refuse_half_dispatch(group):
         partition_pass(forward, PartitionDecisions([Region(start, dispatch[3], 2)]), BATCH)
     with pytest.raises(PartitionError, match="cannot be split into 5 parts"):
         partition_pass(forward, PartitionDecisions([Region(start, dispatch[-1], 5)]), BATCH)
+    # Padded: parts of 12 tokens over 4 experts at capacity factor 0.25 would have no slot at all.
+    step, source = _setup(group, GateConfig(kind="switch", capacity_factor=0.25))
+    forward = capture_forward(step, *source.batch(0, group.rank()))
+    region = Region(*module_span(forward, "blocks.0.mlp"), 4)
+    with pytest.raises(PartitionError, match="capacity 0"):
+        partition_pass(forward, PartitionDecisions([region]), BATCH)
+    partition_pass(forward, PartitionDecisions([Region(region.start, region.end, 2)]), BATCH)
     return True
 
 

@@ -25,6 +25,7 @@ def no_launch(monkeypatch):
         ("train", ["--data", "/no/such/corpus"], "corpus path '/no/such/corpus' does not exist"),
         ("train", ["--model", "gpt2_moe_nl2_m60_nh8_sl32_b4"], "not divisible by 8 heads"),
         ("train", ["--gc-every", "0"], "--gc-every must be >= 1"),
+        ("train", ["--gate", "topk", "--dispatch", "padded"], "the topk gate is dropless"),
         ("bench", ["--variants", "captured,eager,captured"], "captured given more than once; use --rounds"),
         ("bench", ["--variants", "captured", "--rounds", "0"], "--rounds must be >= 1"),
         ("bench", ["--variants", "tutel-dx"], "unknown variant(s) tutel-dx"),

@@ -77,7 +77,11 @@ def test_memory_cap_is_respected():
     assert capped.num_moved < unlimited.num_moved
 
 
-GATES = [GateConfig(kind="switch"), GateConfig(kind="batch_prioritized"), GateConfig(kind="topk", topk=2)]
+GATES = [  # the padded dispatch (switch) and the ragged one (the others)
+    GateConfig(kind="switch"),
+    GateConfig(kind="batch_prioritized", dispatch="ragged"),
+    GateConfig(kind="topk", topk=2),
+]
 
 
 def _dw_bitwise_rank(group, gates) -> list[list[str]]:
@@ -93,6 +97,10 @@ def _dw_bitwise_rank(group, gates) -> list[list[str]]:
         costs = ToyCostModel(compute_ms=0.01, comm_ms={"all_to_all": 0.5, "all_reduce": 0.2}).costs(scheduled_graph.graph)
         _, decisions = dw_pass(scheduled_graph, costs)
         assert decisions.num_moved > 0
+        if gate.padded:  # the experts' weight-gradient bmm nodes are among the moved ones
+            targets = {n.name: n.target for n in scheduled_graph.graph.nodes}
+            moved = [targets[name] for names in decisions.windows.values() for name in names]
+            assert torch.ops.aten.bmm.default in moved
         _, ar_decisions = allreduce_gaps_pass(scheduled_graph, costs)
         assert ar_decisions.after
         scheduled = CapturedStep(scheduled_graph)

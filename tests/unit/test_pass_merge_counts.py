@@ -24,7 +24,7 @@ LAYERS = 2  # MoE layers of gpt2_moe_nl3 (blocks 0 and 2)
 
 def _partitioned(kind: str, parts: int, gate: str = "switch"):
     with fake_process_group(2) as group:
-        cfg = model_config(f"gpt2_moe_nl3_m32_nh2_sl4_b{BATCH}", vocab_size=97, gate=GateConfig(kind=gate))
+        cfg = model_config(f"gpt2_moe_nl3_m32_nh2_sl4_b{BATCH}", vocab_size=97, gate=GateConfig(kind=gate, dispatch="ragged"))
         step = TrainStep(build_model(cfg, group, seed=7), group)
         source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=8)
         forward = capture_forward(step, *source.batch(0, 0))

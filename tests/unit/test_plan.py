@@ -16,7 +16,9 @@ from lancet.graph.roles import Role, is_view, node_role
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
 from lancet.plan.optimize import fake_process_group
-from lancet.passes.partition.select import candidate_ranges, select_partitions
+from lancet.passes.partition.axes import unsupported_ops
+from lancet.passes.partition.rewrite import drop_semantics
+from lancet.passes.partition.select import candidate_ranges, dispatch_ranges, select_partitions
 from lancet.plan.plan import Plan, PlanMismatch, VariantPlan, build_step_graph, choose_order, load_plan
 from lancet.cost.profile import graph_fingerprint
 from lancet.sim.simulator import simulate
@@ -116,3 +118,15 @@ def test_range_search_keeps_the_graph_when_nothing_wins():
         assert len(candidate_ranges(forward.graph)) == 2 * 3 * 2 - 3  # the last MoE block has no next block
         selection = select_partitions(forward, _split_price(1.0, 0.0), batch_size=4)
         assert selection.decisions.regions == []
+
+
+@pytest.mark.parametrize("dispatch, semantics", [("padded", "micro-batch"), ("ragged", "whole-batch")])
+def test_plans_name_the_drop_semantics_of_their_dispatch(dispatch, semantics):
+    with fake_process_group(2) as group:
+        cfg = model_config("gpt2_moe_nl2_m32_nh2_sl8_b4", vocab_size=97, gate=GateConfig(kind="switch", dispatch=dispatch))
+        step = TrainStep(build_model(cfg, group), group)
+        source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
+        forward = capture_forward(step, *source.batch(0, 0))
+        assert drop_semantics(forward.graph) == semantics
+        assert unsupported_ops(forward.graph) == []  # the fused loss's ops have rules too
+        assert len(dispatch_ranges(forward.graph)) == 1  # the Tutel-style range of the one MoE layer

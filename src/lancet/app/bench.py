@@ -91,9 +91,11 @@ class VariantResult:
 
 def _runner(variant: str, session, plan) -> tuple[Callable[[list, torch.Tensor, torch.Tensor], StepResult], int]:
     """The step function of ``variant`` and the number of all-to-alls its forward issues."""
-    moe_layers = sum(1 for i in range(session.model_cfg.num_layers) if session.model_cfg.is_moe_block(i))
     if variant == "eager":
-        return session.train_step, 3 * moe_layers  # counts exchange, dispatch, combine per layer
+        from lancet.moe import MoELayer
+
+        layers = [m for m in session.train_step.model.modules() if isinstance(m, MoELayer)]
+        return session.train_step, sum(layer.forward_all_to_alls for layer in layers)
     from lancet.graph.analysis import analyze
     from lancet.runtime.captured import CapturedStep
 

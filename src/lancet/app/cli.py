@@ -11,7 +11,7 @@ import sys
 
 from lancet.app.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
 from lancet.runtime.dist import NETWORK_ENV, RankFailed, launch, planned_world_size
-from lancet.moe import GATE_KINDS
+from lancet.moe import DISPATCH_KINDS, GATE_KINDS
 
 
 class UsageError(Exception):
@@ -24,6 +24,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gate", default="switch", choices=GATE_KINDS)
     group.add_argument("--topk", type=int, default=2, help="experts per token for --gate topk")
     group.add_argument("--capacity-factor", type=float, default=1.0)
+    group.add_argument("--dispatch", default=None, choices=DISPATCH_KINDS,
+                       help="padded: fixed [E, C, M] buffers, no host sync (default for switch, batch_prioritized); "
+                            "ragged: only kept rows, split sizes read by the host (default and only choice for topk)")
     group.add_argument("--aux-loss-coef", type=float, default=0.0, help="load-balancing loss weight (0: off)")
     group.add_argument("--num-experts", type=int, default=None, help="total experts (default: 2 per rank)")
     group.add_argument("--vocab-size", type=int, default=None, help="override the 50257-token vocabulary")
@@ -52,6 +55,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         aux_loss_coef=args.aux_loss_coef,
         num_experts=args.num_experts,
         vocab_size=args.vocab_size,
+        dispatch=args.dispatch,
     )
 
 

@@ -12,7 +12,7 @@ from lancet.plan.artifact import RunIdentity, device_description, gate_descripti
 from lancet.app.data import SYNTHETIC, resolve_corpus_path
 from lancet.runtime.dist import NETWORK_ENV
 from lancet.models import GPT2MoEConfig, model_config
-from lancet.moe import GATE_KINDS, GateConfig
+from lancet.moe import DISPATCH_KINDS, GATE_KINDS, GateConfig
 
 DTYPES = ("fp32", "bf16")
 OPTIMIZERS = ("sgd", "adamw")
@@ -32,12 +32,17 @@ class ModelSpec:
     """Total experts; None: 2 per rank."""
     vocab_size: int | None = None
     """Override the vocabulary (default 50257)."""
+    dispatch: str | None = None
+    """padded or ragged (None: padded for the capacity gates, ragged for topk)."""
 
     def gate_config(self) -> GateConfig:
         if self.gate not in GATE_KINDS:
             raise ValueError(f"unknown gate {self.gate!r}; choose one of {', '.join(GATE_KINDS)}")
+        if self.dispatch is not None and self.dispatch not in DISPATCH_KINDS:
+            raise ValueError(f"unknown dispatch {self.dispatch!r}; choose one of {', '.join(DISPATCH_KINDS)}")
         return GateConfig(
-            kind=self.gate, topk=self.topk, capacity_factor=self.capacity_factor, aux_loss_coef=self.aux_loss_coef
+            kind=self.gate, topk=self.topk, capacity_factor=self.capacity_factor, aux_loss_coef=self.aux_loss_coef,
+            dispatch=self.dispatch,
         )
 
     def model_config(self) -> GPT2MoEConfig:
@@ -108,7 +113,7 @@ class RunConfig:
         cfg = self.spec.model_config()
         return RunIdentity(
             model=cfg.name,
-            gate=gate_description(self.spec.gate, self.spec.topk, self.spec.capacity_factor),
+            gate=gate_description(cfg.gate),
             world_size=world_size,
             dtype=self.dtype,
             device=device_description(device),

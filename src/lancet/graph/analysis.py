@@ -3,8 +3,21 @@
 - phase: *forward* or *backward*, as annotated while tracing (the
   data-parallel all-reduce is backward);
 - collectives: each start/wait pair with its kind, phase and purpose;
-- MoE layers: the counts exchange, dispatch and combine all-to-alls of each
-  layer (forward and backward), found through the split-size values they share;
+- MoE layers: the dispatch and combine all-to-alls of each layer, forward and
+  backward, and (ragged dispatch) its counts exchange, found from collectives
+  and data flow alone, so padded (constant splits) and ragged (data-dependent
+  splits) layers are found alike:
+    * a token all-to-all carries floating-point rows; a counts exchange is a
+      fixed-size all-to-all of integers whose result reaches split sizes or a
+      host read;
+    * a dispatch is a token all-to-all whose result flows, through compute only
+      (no other collective in between), into a later token all-to-all of the
+      same phase: the combine; in the backward the same rule pairs the
+      combine's gradient with the dispatch's;
+    * a backward pair belongs to the forward pair whose split sizes it shares
+      (ragged); otherwise pairs match in mirror order (the backward runs the
+      layers in reverse: each layer's backward reads the gradient the later
+      layer's backward produced);
 - the dW set: backward compute nodes with no ordering relative to at least one
   backward all-to-all (so they may run inside its window), each with the list
   of all-to-alls it may overlap, in graph order.
@@ -18,13 +31,7 @@ from torch import fx
 
 from lancet.capture.trace import TrainGraph
 from lancet.graph.deps import Reachability
-from lancet.graph.roles import (
-    Role,
-    collective_kind,
-    is_irregular_all_to_all,
-    node_role,
-    wait_of,
-)
+from lancet.graph.roles import Role, carries_tokens, collective_kind, node_role, wait_of
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -51,7 +58,7 @@ class MoELayerInfo:
     combine_grad: Collective | None
     dispatch_grad: Collective | None
     split_nodes: list[fx.Node]
-    """The host-read split sizes shared by this layer's four data all-to-alls."""
+    """The host-read split sizes shared by this layer's four data all-to-alls (empty: padded dispatch)."""
 
 
 @dataclass(slots=True)
@@ -86,45 +93,96 @@ def _split_key(start: fx.Node) -> frozenset[fx.Node]:
     return frozenset(s for s in splits if isinstance(s, fx.Node))
 
 
-def _collectives(graph: fx.Graph, phase: dict[fx.Node, str]) -> list[Collective]:
+def _split_and_host_reads(graph: fx.Graph, roles: dict[fx.Node, Role]) -> list[fx.Node]:
+    """Nodes through which device values reach the host or become split sizes."""
+    found = [n for n in graph.nodes if roles[n] in (Role.HOST_SYNC, Role.HOST_WAIT)]
+    for node in graph.nodes:
+        if collective_kind(node) == "all_to_all":
+            found.extend(_split_key(node))
+    return found
+
+
+def _collectives(graph: fx.Graph, phase: dict[fx.Node, str], roles: dict, reach: Reachability) -> list[Collective]:
+    host_reads = _split_and_host_reads(graph, roles)
     found = []
     for node in graph.nodes:
         kind = collective_kind(node)
         if kind is None:
             continue
+        wait = wait_of(node)
         purpose = "other"
         if kind == "all_reduce" and phase[node] == BACKWARD:
             purpose = "grad_allreduce"
-        elif kind == "all_to_all" and not is_irregular_all_to_all(node):
-            purpose = "counts"
-        found.append(Collective(start=node, wait=wait_of(node), kind=kind, phase=phase[node], purpose=purpose))
+        elif kind == "all_to_all" and not carries_tokens(node):
+            if any(reach.is_ancestor(wait, read) for read in host_reads):
+                purpose = "counts"
+        found.append(Collective(start=node, wait=wait, kind=kind, phase=phase[node], purpose=purpose))
     return found
 
 
+def _through_another(first: Collective, second: Collective, collectives: list[Collective], reach: Reachability) -> bool:
+    """Whether ``second`` reads ``first``'s result only by way of another collective."""
+    return any(
+        c is not first and c is not second and reach.is_ancestor(first.wait, c.start)
+        and reach.is_ancestor(c.wait, second.start)
+        for c in collectives
+    )
+
+
+def _pairs(collectives: list[Collective], phase: str, reach: Reachability) -> list[tuple[Collective, Collective]]:
+    """Token all-to-alls of ``phase`` paired with the first later one that reads their result through compute only."""
+    tokens = [c for c in collectives if c.phase == phase and c.kind == "all_to_all" and carries_tokens(c.start)]
+    taken: set[int] = set()
+    pairs = []
+    for i, first in enumerate(tokens):
+        if id(first) in taken:
+            continue
+        for second in tokens[i + 1 :]:
+            if id(second) in taken or not reach.is_ancestor(first.wait, second.start):
+                continue
+            if not _through_another(first, second, collectives, reach):
+                pairs.append((first, second))
+                taken |= {id(first), id(second)}
+            break
+    return pairs
+
+
+def _match_backward(
+    forward: list[tuple[Collective, Collective]], backward: list[tuple[Collective, Collective]]
+) -> dict[int, tuple[Collective, Collective]]:
+    """Forward pair index -> its backward pair: by shared split sizes, else in mirror order."""
+    matched: dict[int, tuple[Collective, Collective]] = {}
+    by_key = {_split_key(d.start): i for i, (d, _) in enumerate(forward) if _split_key(d.start)}
+    rest = []
+    for pair in backward:
+        i = by_key.get(_split_key(pair[0].start))
+        if i is not None and i not in matched:
+            matched[i] = pair
+        else:
+            rest.append(pair)
+    unmatched = [i for i in range(len(forward)) if i not in matched]
+    for i, pair in zip(reversed(unmatched), rest):
+        matched[i] = pair
+    return matched
+
+
 def _moe_layers(collectives: list[Collective], reach: Reachability) -> list[MoELayerInfo]:
-    by_key: dict[frozenset, list[Collective]] = {}
-    for c in collectives:
-        if c.kind == "all_to_all" and is_irregular_all_to_all(c.start):
-            by_key.setdefault(_split_key(c.start), []).append(c)
+    forward = _pairs(collectives, FORWARD, reach)
+    backward = _match_backward(forward, _pairs(collectives, BACKWARD, reach))
     counts = [c for c in collectives if c.purpose == "counts"]
     layers = []
-    for key, group in by_key.items():
-        forward = [c for c in group if c.phase == FORWARD]
-        backward = [c for c in group if c.phase == BACKWARD]
-        if len(forward) != 2 or len(backward) > 2:
-            continue
-        dispatch, combine = forward
-        combine_grad, dispatch_grad = (backward + [None, None])[:2]
-        roles = ((dispatch, "dispatch"), (combine, "combine"), (combine_grad, "combine_grad"), (dispatch_grad, "dispatch_grad"))
-        for c, purpose in roles:
+    for i, (dispatch, combine) in enumerate(forward):
+        combine_grad, dispatch_grad = backward.get(i, (None, None))
+        roles = {"dispatch": dispatch, "combine": combine, "combine_grad": combine_grad, "dispatch_grad": dispatch_grad}
+        for purpose, c in roles.items():
             if c is not None:
                 c.purpose = purpose
+        key = _split_key(dispatch.start)
         feeding = [c for c in counts if any(reach.is_ancestor(c.wait, s) for s in key)]
-        module = dispatch.start.meta.get("custom", {}).get("module", "")
         layers.append(
             MoELayerInfo(
-                index=0,
-                module=module,
+                index=i,
+                module=dispatch.start.meta.get("custom", {}).get("module", ""),
                 counts=feeding[-1] if feeding else None,
                 dispatch=dispatch,
                 combine=combine,
@@ -133,12 +191,10 @@ def _moe_layers(collectives: list[Collective], reach: Reachability) -> list[MoEL
                 split_nodes=sorted(key, key=lambda n: reach.index[n]),
             )
         )
-    layers.sort(key=lambda layer: reach.index[layer.dispatch.start])
-    for i, layer in enumerate(layers):
-        layer.index = i
+    for layer in layers:
         for c in (layer.counts, layer.dispatch, layer.combine, layer.combine_grad, layer.dispatch_grad):
             if c is not None:
-                c.layer = i
+                c.layer = layer.index
     return layers
 
 
@@ -167,7 +223,7 @@ def analyze(train_graph: TrainGraph) -> GraphAnalysis:
     reach = Reachability(graph)
     roles = {n: node_role(n) for n in graph.nodes}
     phase = {n: node_phase(n) for n in graph.nodes}
-    collectives = _collectives(graph, phase)
+    collectives = _collectives(graph, phase, roles, reach)
     layers = _moe_layers(collectives, reach)
     analysis = GraphAnalysis(
         graph=graph,

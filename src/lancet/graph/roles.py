@@ -121,6 +121,20 @@ def is_irregular_all_to_all(node: fx.Node) -> bool:
     return any(isinstance(s, fx.Node) for s in splits)
 
 
+def carries_tokens(node: fx.Node) -> bool:
+    """An all-to-all of token rows (or their gradients): a floating-point payload, padded or ragged.
+
+    Without a recorded value (a hand-built graph), data-dependent split sizes mean token rows. The other
+    all-to-alls are fixed-size exchanges of integers (the expert counts of a ragged dispatch).
+    """
+    if collective_kind(node) != "all_to_all":
+        return False
+    payload = node.meta.get("val")
+    if isinstance(payload, torch.Tensor):
+        return payload.dtype.is_floating_point
+    return is_irregular_all_to_all(node)
+
+
 def wait_of(start: fx.Node) -> fx.Node:
     """The wait_tensor node that completes a collective start node."""
     waits = [user for user in start.users if user.target in WAIT_OPS]

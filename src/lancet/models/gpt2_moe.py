@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lancet.losses import linear_cross_entropy
 from lancet.moe import GateConfig, MoELayer
 
 
@@ -40,6 +41,8 @@ class GPT2MoEConfig:
     """Blocks whose index is a multiple of this hold the MoE layer."""
     dropout: float = 0.0
     gate: GateConfig = field(default_factory=GateConfig)
+    loss_chunk_tokens: int | None = None
+    """Tokens per chunk of the fused LM-head cross entropy (None: chunks of at most 256 MiB of float32 logits)."""
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
@@ -77,7 +80,7 @@ class GPT2MoEConfig:
         """Rows of the embedding table: the vocabulary rounded up to a multiple of 64.
 
         A 50257-wide LM-head GEMM misses the tensor-core alignment and runs several times slower;
-        the extra rows are never indexed and their logits are cut off before the loss.
+        the extra rows are never indexed and their logits are masked in the loss.
         """
         return -(-self.vocab_size // VOCAB_ALIGNMENT) * VOCAB_ALIGNMENT
 
@@ -133,11 +136,20 @@ class Block(nn.Module):
 
 @dataclass(slots=True)
 class ModelOutput:
-    logits_BSV: Tensor
+    hidden_BSM: Tensor
+    """Final hidden states (after the last layer norm): the LM head's input."""
+    head_weight_PM: Tensor
+    """The LM head's weight (tied to the token embedding; rows padded to a multiple of 64)."""
+    vocab_size: int
     aux_loss: Tensor
     """Sum of the MoE layers' load-balancing losses."""
     keep: list[Tensor]
     """Per MoE layer, which token choices were dispatched."""
+    loss_chunk_tokens: int | None = None
+
+    def logits(self) -> Tensor:
+        """``[B, S, V]`` logits (materialised; the loss does not need them)."""
+        return F.linear(self.hidden_BSM, self.head_weight_PM)[..., : self.vocab_size]
 
 
 class GPT2MoE(nn.Module):
@@ -169,8 +181,10 @@ class GPT2MoE(nn.Module):
             if block_aux is not None:
                 aux = aux + block_aux
                 keep.append(block_keep)
-        logits_BSV = F.linear(self.ln_f(x_BSM), self.wte.weight)[..., : self.cfg.vocab_size]
-        return ModelOutput(logits_BSV=logits_BSV, aux_loss=aux, keep=keep)
+        return ModelOutput(
+            hidden_BSM=self.ln_f(x_BSM), head_weight_PM=self.wte.weight, vocab_size=self.cfg.vocab_size,
+            aux_loss=aux, keep=keep, loss_chunk_tokens=self.cfg.loss_chunk_tokens,
+        )
 
     @staticmethod
     def loss(out: ModelOutput, targets_BS: Tensor) -> Tensor:
@@ -178,9 +192,11 @@ class GPT2MoE(nn.Module):
 
 
 def lm_loss(out: ModelOutput, targets_BS: Tensor) -> Tensor:
-    """Mean next-token cross entropy (float32) plus the auxiliary loss."""
-    logits = out.logits_BSV.float()
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_BS.reshape(-1))
+    """Mean next-token cross entropy (float32, ``lancet.losses.linear_cross_entropy``) plus the auxiliary loss."""
+    hidden_NM = out.hidden_BSM.reshape(-1, out.hidden_BSM.shape[-1])
+    ce = linear_cross_entropy(
+        hidden_NM, out.head_weight_PM, targets_BS.reshape(-1), out.vocab_size, out.loss_chunk_tokens
+    )
     return ce + out.aux_loss
 
 

@@ -1,4 +1,4 @@
-"""Token dispatch and combine through an irregular all-to-all.
+"""The ragged dispatch: token dispatch and combine through an irregular all-to-all.
 
 Shape legend: T tokens on this rank, K choices per token, A = T*K assignments,
 E experts in total, W ranks, L = E / W local experts, M model dim,

@@ -150,9 +150,26 @@ class GroupedExperts(nn.Module):
 
     def forward(self, rows_NM: Tensor, expert_of_row_N: Tensor, offsets_G: Tensor) -> Tensor:
         """Rows must be grouped by expert; ``offsets_G`` are cumulative int32 ends."""
-        dtype = torch.get_autocast_dtype(rows_NM.device.type) if torch.is_autocast_enabled(rows_NM.device.type) else rows_NM.dtype
+        dtype = compute_dtype(rows_NM)
         rows_NM = rows_NM.to(dtype)
         hidden_NH = grouped_mm(rows_NM, self.w1.to(dtype), offsets_G)
         hidden_NH = torch.relu(hidden_NH + group_bias(self.b1.to(dtype), expert_of_row_N, offsets_G))
         out_NM = grouped_mm(hidden_NH, self.w2.to(dtype), offsets_G)
         return out_NM + group_bias(self.b2.to(dtype), expert_of_row_N, offsets_G)
+
+    def forward_padded(self, rows_GNM: Tensor) -> Tensor:
+        """Every expert on its own equally long block of rows: ``[G, N, M] -> [G, N, M]`` as batched GEMMs.
+
+        The backward of each ``bmm`` is two ``bmm`` nodes (dX and dW), so the dW pass can move the
+        weight-gradient half; biases broadcast over the rows (their gradients are sums).
+        """
+        dtype = compute_dtype(rows_GNM)
+        hidden_GNH = torch.bmm(rows_GNM.to(dtype), self.w1.to(dtype)) + self.b1.to(dtype)[:, None, :]
+        hidden_GNH = torch.relu(hidden_GNH)
+        return torch.bmm(hidden_GNH, self.w2.to(dtype)) + self.b2.to(dtype)[:, None, :]
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype of ``x``'s device when autocast is on, else ``x``'s own dtype."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

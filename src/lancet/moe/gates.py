@@ -4,6 +4,12 @@ Shape legend: T tokens on this rank, E experts in total, K experts per token.
 
 Every decision is made with tensor ops (no Python branching on values) so the
 whole step can be traced. Capacity is per rank: ``int(cf * ceil(T / E))``.
+
+Where the keep decision is made depends on the dispatch. With the ragged
+dispatch the router decides it here (a capacity computed from the whole batch).
+With the padded dispatch the capacity decision belongs to the dispatch
+(``lancet.moe.padded``): it computes each token's slot in fixed-size buffers
+from whatever tokens it is given, so ``Routing.keep_TK`` is None here.
 """
 
 from __future__ import annotations
@@ -18,6 +24,13 @@ from torch import Tensor
 
 GateKind = Literal["switch", "batch_prioritized", "topk"]
 GATE_KINDS: tuple[str, ...] = ("switch", "batch_prioritized", "topk")
+DispatchKind = Literal["padded", "ragged"]
+DISPATCH_KINDS: tuple[str, ...] = ("padded", "ragged")
+
+
+def default_dispatch(kind: str) -> str:
+    """Capacity gates use the padded dispatch; the dropless top-k gate the ragged one."""
+    return "ragged" if kind == "topk" else "padded"
 
 
 @dataclass(kw_only=True, slots=True, frozen=True)
@@ -35,10 +48,21 @@ class GateConfig:
     """Renormalise the k chosen probabilities of the topk gate to sum to one."""
     aux_loss_coef: float = 0.0
     """Weight of the load-balancing loss (0 disables it)."""
+    dispatch: DispatchKind | None = None
+    """padded: fixed ``[E, C, M]`` buffers and equal-split all-to-alls, no host sync (capacity gates
+    only; a partitioned layer gives each part its own capacity). ragged: only kept rows travel, split
+    sizes read by the host once per layer, whole-batch capacity in partitions. None: padded for the
+    capacity gates, ragged for topk."""
 
     def __post_init__(self) -> None:
         if self.kind not in GATE_KINDS:
             raise ValueError(f"unknown gate {self.kind!r}; choose one of {', '.join(GATE_KINDS)}")
+        if self.dispatch is None:
+            object.__setattr__(self, "dispatch", default_dispatch(self.kind))
+        if self.dispatch not in DISPATCH_KINDS:
+            raise ValueError(f"unknown dispatch {self.dispatch!r}; choose one of {', '.join(DISPATCH_KINDS)}")
+        if self.kind == "topk" and self.dispatch == "padded":
+            raise ValueError("the topk gate is dropless and has no capacity to pad to; use --dispatch ragged")
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         if self.capacity_factor <= 0:
@@ -47,6 +71,10 @@ class GateConfig:
     @property
     def experts_per_token(self) -> int:
         return self.topk if self.kind == "topk" else 1
+
+    @property
+    def padded(self) -> bool:
+        return self.dispatch == "padded"
 
 
 @dataclass(slots=True)
@@ -57,8 +85,9 @@ class Routing:
     """int64 expert index of each choice."""
     weight_TK: Tensor
     """Combine weight of each choice (float32)."""
-    keep_TK: Tensor
-    """bool: the choice is dispatched (False: dropped for capacity)."""
+    keep_TK: Tensor | None
+    """bool: the choice is dispatched (False: dropped for capacity). None under the padded dispatch,
+    which decides it (``lancet.moe.padded.capacity_slots``)."""
     aux_loss: Tensor
     """Load-balancing loss (a 0-dim float32 tensor, zero when disabled)."""
 
@@ -105,12 +134,15 @@ def route(logits_TE: Tensor, cfg: GateConfig) -> Routing:
         keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
     else:
         weight_T, expert_T = torch.max(probs_TE, dim=-1)
-        cap = capacity(num_tokens, num_experts, cfg.capacity_factor)
-        if cfg.kind == "switch":
-            keep_T = switch_keep(expert_T, num_experts, cap)
-        else:
-            keep_T = batch_prioritized_keep(expert_T, weight_T, num_experts, cap)
-        expert_TK, weight_TK, keep_TK = expert_T[:, None], weight_T[:, None], keep_T[:, None]
+        keep_TK = None
+        if not cfg.padded:
+            cap = capacity(num_tokens, num_experts, cfg.capacity_factor)
+            if cfg.kind == "switch":
+                keep_T = switch_keep(expert_T, num_experts, cap)
+            else:
+                keep_T = batch_prioritized_keep(expert_T, weight_T, num_experts, cap)
+            keep_TK = keep_T[:, None]
+        expert_TK, weight_TK = expert_T[:, None], weight_T[:, None]
     if cfg.aux_loss_coef > 0:
         aux = cfg.aux_loss_coef * load_balancing_loss(probs_TE, expert_TK[:, 0])
     else:

@@ -50,7 +50,25 @@ def _custom(node: fx.Node) -> dict:
 
 
 def _is_count_exchange(node: fx.Node) -> bool:
-    return collective_kind(node) == "all_to_all" and not is_irregular_all_to_all(node)
+    """A fixed-size all-to-all whose result reaches a split-size copy to the host within its own part.
+
+    (Copies made by the partition pass carry no fake values, so the payload's dtype cannot tell; the
+    token all-to-alls of a padded dispatch have constant splits too, but their rows reach no host copy.)
+    """
+    if collective_kind(node) != "all_to_all" or is_irregular_all_to_all(node):
+        return False
+    part = _custom(node).get("part")
+    stack, seen = [wait_of(node)], set()
+    while stack:
+        current = stack.pop()
+        for user in current.users:
+            if user in seen or _custom(user).get("part") != part or collective_kind(user) is not None:
+                continue
+            if _is_split_copy(user):
+                return True
+            seen.add(user)
+            stack.append(user)
+    return False
 
 
 def _is_split_copy(node: fx.Node) -> bool:

@@ -6,7 +6,10 @@ Contract
   returned); nodes carry ``meta["custom"]["part"]`` (None for whole nodes).
 - Stage-major interleaving: a node's stage counts the waits on its way from
   the region's inputs that separate pipeline stages: host waits for split
-  sizes and waits of irregular (token-carrying) all-to-alls. The wait of the
+  sizes and waits of token-carrying all-to-alls, padded or ragged
+  (``carries_tokens``: a predicate on the all-to-all's start node, by default
+  ``lancet.graph.roles.carries_tokens``; the partition pass answers it for
+  its copies from the node each was copied from). The wait of the
   small fixed-size counts exchange is not a stage boundary, so a part's split
   sizes start their copy to the host before the next part's compute is
   issued. Nodes are issued by (stage, part, original position): part k's
@@ -29,30 +32,36 @@ import heapq
 
 from torch import fx
 
-from lancet.graph.roles import Role, is_irregular_all_to_all, node_role
+from collections.abc import Callable
+
+from lancet.graph.roles import Role, carries_tokens as _carries_tokens, collective_kind, node_role
 
 
-def _is_stage_boundary(node: fx.Node) -> bool:
+def _is_stage_boundary(node: fx.Node, carries_tokens: Callable[[fx.Node], bool]) -> bool:
     role = node_role(node)
     if role == Role.HOST_WAIT:
         return True
-    return role == Role.COMM_WAIT and any(is_irregular_all_to_all(p) for p in node.all_input_nodes)
+    return role == Role.COMM_WAIT and any(
+        collective_kind(p) == "all_to_all" and carries_tokens(p) for p in node.all_input_nodes
+    )
 
 
-def _stages(nodes: list[fx.Node]) -> dict[fx.Node, int]:
+def _stages(nodes: list[fx.Node], carries_tokens: Callable[[fx.Node], bool]) -> dict[fx.Node, int]:
     members = set(nodes)
     stage: dict[fx.Node, int] = {}
     for node in nodes:
         base = max((stage[p] for p in node.all_input_nodes if p in members), default=0)
-        stage[node] = base + (1 if _is_stage_boundary(node) else 0)
+        stage[node] = base + (1 if _is_stage_boundary(node, carries_tokens) else 0)
     return stage
 
 
-def pipeline_order(nodes: list[fx.Node]) -> list[fx.Node]:
+def pipeline_order(
+    nodes: list[fx.Node], carries_tokens: Callable[[fx.Node], bool] = _carries_tokens
+) -> list[fx.Node]:
     """``nodes`` (given in a valid order) re-ordered stage-major, part by part."""
     members = set(nodes)
     position = {n: i for i, n in enumerate(nodes)}
-    stage = _stages(nodes)
+    stage = _stages(nodes, carries_tokens)
 
     def key(node: fx.Node) -> tuple[int, int, int]:
         part = node.meta.get("custom", {}).get("part")

@@ -24,7 +24,7 @@ class ArtifactMismatch(ValueError):
 class RunIdentity:
     model: str
     gate: str
-    """Gate description, e.g. ``switch`` or ``topk2``, with capacity factor when not 1."""
+    """Gate and dispatch, e.g. ``switch_padded`` or ``topk2_ragged``, with the capacity factor when not 1."""
     world_size: int
     dtype: str
     device: str
@@ -42,9 +42,16 @@ def device_description(device: torch.device) -> str:
     return device.type
 
 
-def gate_description(kind: str, topk: int, capacity_factor: float) -> str:
-    name = f"topk{topk}" if kind == "topk" else kind
-    return name if capacity_factor == 1.0 else f"{name}_cf{capacity_factor:g}"
+def gate_description(gate) -> str:
+    """``switch_padded``, ``batch_prioritized_cf1.25_ragged``, ``topk2_ragged``: what routing and dispatch a run uses.
+
+    ``gate`` is a ``lancet.moe.GateConfig`` (its dispatch resolved). Profiles and plans made for one dispatch
+    are refused for the other: the graphs and the drop semantics of partitions differ.
+    """
+    name = f"topk{gate.topk}" if gate.kind == "topk" else gate.kind
+    if gate.capacity_factor != 1.0:
+        name = f"{name}_cf{gate.capacity_factor:g}"
+    return f"{name}_{gate.dispatch}"
 
 
 MATCH_FIELDS = {

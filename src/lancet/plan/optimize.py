@@ -27,7 +27,7 @@ from lancet.cost.comm import CommProfile
 from lancet.cost.estimate import DerivedCostModel
 from lancet.cost.model import ProfiledCostModel, host_scale
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
-from lancet.passes.partition.rewrite import partition_pass
+from lancet.passes.partition.rewrite import drop_semantics, partition_pass
 from lancet.passes.partition.select import select_partitions
 from lancet.plan.plan import Plan, VariantPlan, capture_partitioned_step, choose_order
 from lancet.sim.simulator import Timeline, simulate
@@ -173,6 +173,7 @@ def _partition_variants(
     """Fill ``lancet-part`` and ``lancet``: the range search, then the order passes on the partitioned step."""
     forward = capture_forward(step, tokens, targets)
     plan.forward_fingerprint = graph_fingerprint(forward.graph)
+    plan.drop_semantics = drop_semantics(forward.graph)
     fallback = plan.variants["lancet-dw"]
     unpartitioned = VariantPlan(step_fingerprint=plan.fingerprint, predicted=plan.predicted, chosen="none")
     if not partition:
@@ -230,7 +231,7 @@ def print_prediction(result: OptimizeResult, console: Console) -> None:
     lancet = plan.variants["lancet"]
     if lancet.partition is not None:
         regions = ", ".join(f"{r.start}..{r.end} x{r.parts}" for r in lancet.partition.regions)
-        console.print(f"partitioned ranges: {regions}")
+        console.print(f"partitioned ranges: {regions} (drops: {plan.drop_semantics})")
     selection = plan.selection
     if "base_forward_ms" in selection and selection["forward_ms"] >= selection["base_forward_ms"]:
         console.print(f"range search: no range shortens the simulated forward ({selection['base_forward_ms']:.2f} ms)")

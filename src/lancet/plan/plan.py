@@ -83,10 +83,15 @@ class Plan:
     """Simulated timeline summary of the captured order."""
     options: dict = field(default_factory=dict)
     selection: dict = field(default_factory=dict)
+    drop_semantics: str = ""
+    """How the partitioned MoE layers drop tokens (``lancet.passes.partition.rewrite.drop_semantics``):
+    ``micro-batch`` (padded dispatch: each part with its own capacity) or ``whole-batch`` (ragged: the
+    drops of the unpartitioned step)."""
 
     def to_json(self) -> dict:
         return {
             "fingerprint": self.fingerprint,
+            "drop_semantics": self.drop_semantics,
             "forward_fingerprint": self.forward_fingerprint,
             "options": self.options,
             "predicted": self.predicted,
@@ -104,6 +109,7 @@ class Plan:
             predicted=document.get("predicted", {}),
             options=document.get("options", {}),
             selection=document.get("selection", {}),
+            drop_semantics=document.get("drop_semantics", ""),
         )
 
     def write(self, path: str) -> None:

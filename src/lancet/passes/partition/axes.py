@@ -15,6 +15,13 @@ on the whole tensor. An op with no rule at all raises ``NoRule``.
 
 Token dims must hold whole samples (sample-major, sizes multiple of the batch
 size), so splitting a token dim into parts splits samples.
+
+The padded dispatch's custom ops are part-local by the micro-batch contract:
+``lancet::capacity_slots`` on a slice of the tokens computes that slice's own
+capacity and slots (token axis, part-exact by that contract);
+``lancet::slot_scatter`` makes a capacity-sized buffer of the part's rows
+(``rows``: part-local, no token axis); ``lancet::slot_gather`` brings a part's
+rows back into token order (token axis of its slots).
 """
 
 from __future__ import annotations
@@ -26,7 +33,10 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+import lancet.moe.padded  # noqa: F401  (registers the lancet:: ops the rules name)
+
 aten = torch.ops.aten
+lancet_ops = torch.ops.lancet
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +341,39 @@ def _cat(node: fx.Node, ctx: Context) -> Inferred:
     return _inexact_if_permuted(axis)
 
 
+def _stack(node: fx.Node, ctx: Context) -> Inferred:
+    axes = {ctx.axis(t) for t in node.args[0]}
+    if axes == {REPLICATED}:
+        return Inferred(REPLICATED)
+    if len(axes) != 1:
+        raise NoRule(f"{node.name}: stack of split and whole values")
+    axis = axes.pop()
+    dim = _norm(node.args[1] if len(node.args) > 1 else 0, _ndim(node))
+    return _inexact_if_permuted(Axis(axis.kind, axis.dim + 1 if dim <= axis.dim else axis.dim))
+
+
+def _gather(node: fx.Node, ctx: Context) -> Inferred:
+    """gather(source, dim, index) along a non-token dim: the output follows the index's token axis."""
+    source, index = ctx.axis(node.args[0]), ctx.axis(node.args[2])
+    dim = _norm(node.args[1], _ndim(node.args[0]))
+    if source.kind != "replicated" and (source != index or dim == source.dim):
+        raise NoRule(f"{node.name}: gather along or across the token axis")
+    return _inexact_if_permuted(index)
+
+
+def _scatter_add(node: fx.Node, ctx: Context) -> Inferred:
+    """scatter_add(buffer, dim, index, src) along a non-token dim: token-wise."""
+    axes = {ctx.axis(node.args[i]) for i in (0, 2, 3)} - {REPLICATED}
+    if not axes:
+        return Inferred(REPLICATED)
+    if len(axes) != 1:
+        raise NoRule(f"{node.name}: scatter_add operands disagree on the token axis")
+    axis = axes.pop()
+    if _norm(node.args[1], _ndim(node)) == axis.dim:
+        raise NoRule(f"{node.name}: scatter_add along the token axis")
+    return _inexact_if_permuted(axis)
+
+
 def _getitem(node: fx.Node, ctx: Context) -> Inferred:
     source = ctx.axes.get(node.args[0])
     if source is None:
@@ -416,6 +459,29 @@ def _assert(node: fx.Node, ctx: Context) -> Inferred:
     return Inferred(REPLICATED)
 
 
+ROWS = Axis("rows")
+"""Part-local rows with no token axis (a capacity-sized buffer of one part's tokens)."""
+
+
+def _capacity_slots(node: fx.Node, ctx: Context) -> Inferred:
+    axis = ctx.axis(node.args[0])
+    if axis != TOKEN(0):
+        raise NoRule(f"{node.name}: capacity slots of a value without tokens on dim 0")
+    return Inferred(axis)
+
+
+def _slot_scatter(node: fx.Node, ctx: Context) -> Inferred:
+    if ctx.axis(node.args[0]) != TOKEN(0) or ctx.axis(node.args[1]) != TOKEN(0):
+        raise NoRule(f"{node.name}: slot scatter of rows and slots that are not token-major")
+    return Inferred(ROWS)
+
+
+def _slot_gather(node: fx.Node, ctx: Context) -> Inferred:
+    if ctx.axis(node.args[1]) != TOKEN(0):
+        raise NoRule(f"{node.name}: slot gather by slots that are not token-major")
+    return Inferred(TOKEN(0))
+
+
 POINTWISE = [
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
     aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.neg.default, aten.exp.default,
@@ -423,7 +489,7 @@ POINTWISE = [
     aten.relu.default, aten.gelu.default, aten.sigmoid.default, aten.where.self, aten.ge.Scalar, aten.gt.Scalar,
     aten.lt.Scalar, aten.le.Scalar, aten.eq.Scalar, aten.eq.Tensor, aten.ne.Scalar, aten.ge.Tensor,
     aten.gt.Tensor, aten.lt.Tensor, aten.logical_and.default, aten.logical_not.default,
-    aten.bitwise_and.Tensor, aten.clamp.default, aten.clamp_min.default, aten.masked_fill.Scalar,
+    aten.bitwise_and.Tensor, aten.bitwise_not.default, aten.clamp.default, aten.clamp_min.default, aten.masked_fill.Scalar,
     aten.floor_divide.default, aten.remainder.Scalar,
 ]
 LIKE = [
@@ -470,6 +536,10 @@ RULES.update(
         aten.all.default: _reduce,
         aten.any.default: _reduce,
         aten.amax.default: _reduce,
+        aten.logsumexp.default: _reduce,
+        aten.stack.default: _stack,
+        aten.gather.default: _gather,
+        aten.scatter_add.default: _scatter_add,
         aten._softmax.default: _along("softmax"),
         aten._log_softmax.default: _along("log_softmax"),
         aten.cumsum.default: _along("cumsum"),
@@ -491,6 +561,9 @@ RULES.update(
         aten.nll_loss_forward.default: _nll_loss,
         aten._assert_async.msg: _assert,
         aten._assert_async.default: _assert,
+        lancet_ops.capacity_slots.default: _capacity_slots,
+        lancet_ops.slot_scatter.default: _slot_scatter,
+        lancet_ops.slot_gather.default: _slot_gather,
     }
 )
 

@@ -5,14 +5,21 @@ Contract
 - Input: a ``ForwardGraph`` and regions, each a contiguous range of forward
   nodes (by name, inclusive) and a number of parts ``n`` that divides the
   batch. Output: a new forward graph computing the same loss and keep masks
-  (up to float reassociation of sums over parts; keep masks identical).
+  (up to float reassociation of sums over parts; keep masks identical) for
+  ragged MoE layers (whole-batch drops). A padded MoE layer inside a region
+  computes the loss and keep masks of micro-batches instead: each part routes
+  its own tokens with its own capacity (``drop_semantics``).
 - In a region every node runs per part on its slice of the tokens when it is
   part-exact (``lancet.passes.partition.axes``); a cumsum along tokens runs per part
   plus the sum of the earlier parts (exact for the integer counts the gates
   use); the MoE dispatch stage (nodes annotated ``moe_stage == "dispatch"``)
   runs per part on the part's own tokens: each part sorts its tokens, ships
   only them through its own irregular all-to-all, and combines them back, which
-  the MoE layer's row-locality makes exact. Every other node (a sort of
+  the MoE layer's row-locality makes exact (ragged); or each part computes its
+  slots with the capacity of its own tokens, scatters them into its own
+  ``[E, C_part, M]`` buffer and ships it through its own equal-split all-to-all
+  (padded: the custom ops derive the capacity from their input, reshapes keep
+  the capacity dim as -1, so the copies need no rewritten constants). Every other node (a sort of
   probabilities for batch-prioritized routing, reductions over tokens, ops
   without a rule) runs once on the whole tensor, gathered from the parts.
 - Values leaving the region are concatenated along their token dim. Nodes of
@@ -43,6 +50,8 @@ import torch
 from torch import fx
 
 from lancet.capture.trace import ForwardGraph
+from lancet.graph.roles import carries_tokens
+from lancet.moe.gates import capacity
 from lancet.passes.partition.axes import REPLICATED, Axis, Context, Inferred, NoRule, TOKEN, infer
 from lancet.passes.merge_counts import merge_count_exchanges
 from lancet.passes.pipeline import pipeline_order
@@ -87,6 +96,23 @@ def is_dispatch(node: fx.Node) -> bool:
     return node.meta.get("custom", {}).get("moe_stage") == "dispatch"
 
 
+_CAPACITY_SLOTS = "lancet.capacity_slots.default"
+MICRO_BATCH, WHOLE_BATCH = "micro-batch", "whole-batch"
+
+
+def drop_semantics(graph: fx.Graph) -> str:
+    """How partitioned MoE layers of ``graph`` drop tokens.
+
+    ``micro-batch``: padded dispatch, each part routes its own tokens with its own capacity
+    ``int(cf * ceil((T / n) / E))``. ``whole-batch``: ragged dispatch, the drops of the unpartitioned layer.
+    Both when the graph has layers of both kinds ("micro-batch+whole-batch"); "" without MoE layers.
+    """
+    padded = {_module(n) for n in graph.nodes if str(n.target) == _CAPACITY_SLOTS}
+    ragged = {_module(n) for n in graph.nodes if is_dispatch(n)} - padded
+    kinds = [name for name, layers in ((MICRO_BATCH, padded), (WHOLE_BATCH, ragged)) if layers]
+    return "+".join(kinds)
+
+
 def _module(node: fx.Node) -> str:
     return node.meta.get("custom", {}).get("module", "")
 
@@ -102,8 +128,8 @@ class _StrictContext(Context):
 def infer_forward_axes(graph: fx.Graph, num_params: int, batch_size: int) -> dict[fx.Node, Inferred]:
     """Axes of every forward node (params replicated, tokens/targets on dim 0); unknown where no rule applies.
 
-    Dispatch-stage nodes are ``rows`` (part-local); one consumed outside its stage must be the combine's
-    token-major output, so it is ``TOKEN(0)``.
+    Dispatch-stage nodes are ``rows`` (part-local); one consumed outside its stage (or returned) must be
+    token-major: the combine's output, or the keep mask the padded dispatch decides. It is ``TOKEN(0)``.
     """
     axes: dict[fx.Node, Inferred] = {}
     ctx = _StrictContext(axes, batch_size)
@@ -114,7 +140,7 @@ def infer_forward_axes(graph: fx.Graph, num_params: int, batch_size: int) -> dic
         if node.op != "call_function":
             continue
         if is_dispatch(node):
-            leaves = any(not is_dispatch(u) for u in node.users if u.op != "output")
+            leaves = any(not is_dispatch(u) for u in node.users)
             axes[node] = Inferred(TOKEN(0) if leaves else Axis("rows"), exact=False)
             continue
         try:
@@ -224,6 +250,20 @@ def _check_dispatch_complete(graph: fx.Graph, nodes: list[fx.Node]) -> None:
             raise PartitionError(f"the MoE dispatch of {_module(node)} is only partly inside the region")
 
 
+def _check_part_capacity(nodes: list[fx.Node], parts: int) -> None:
+    """Each part of a padded layer needs a capacity of at least one slot per expert."""
+    for node in nodes:
+        if str(node.target) != _CAPACITY_SLOTS:
+            continue
+        tokens = int(node.args[0].meta["val"].shape[0]) // parts
+        num_experts, capacity_factor = node.args[2], node.args[3]
+        if capacity(tokens, num_experts, capacity_factor) < 1:
+            raise PartitionError(
+                f"{_module(node)}: a part of {tokens} tokens has capacity 0 for {num_experts} experts at capacity "
+                f"factor {capacity_factor:g}"
+            )
+
+
 class _Rewriter:
     """Emits the partitioned copies of one region right before it and reroutes its outside uses."""
 
@@ -237,6 +277,11 @@ class _Rewriter:
         self.whole: dict[fx.Node, fx.Node] = {}
         self.slices: dict[fx.Node, list[fx.Node]] = {}
         self.created: list[fx.Node] = []
+        self.copied_from: dict[fx.Node, fx.Node] = {}
+        """Copy -> the original node (whose fake value the copy lacks)."""
+
+    def _carries_tokens(self, start: fx.Node) -> bool:
+        return carries_tokens(self.copied_from.get(start, start))
 
     def _new(self, target, args, kwargs=None, *, part: int | None, origin: str) -> fx.Node:
         node = self.graph.call_function(target, args, kwargs or {})
@@ -298,6 +343,7 @@ class _Rewriter:
         if node.target in _SIZE_ARG_OPS:
             copy.args = (copy.args[0], self._scaled_shape(node), *copy.args[2:])
         self.created.append(copy)
+        self.copied_from[copy] = node
         self.parts[k][node] = copy
 
     def _scaled_shape(self, node: fx.Node) -> list:
@@ -314,6 +360,7 @@ class _Rewriter:
         copy.meta = {key: v for key, v in node.meta.items() if key != "val"}
         copy.meta["custom"] = {**node.meta.get("custom", {}), "part": None, "parts": self.n, "origin": node.name}
         self.created.append(copy)
+        self.copied_from[copy] = node
         self.whole[node] = copy
         self._stands_for(copy, node)
 
@@ -357,7 +404,7 @@ class _Rewriter:
         for node in reversed(nodes):
             if self.region.mode[node] != HOISTED:
                 self.graph.erase_node(node)
-        order = pipeline_order(self.created)
+        order = pipeline_order(self.created, self._carries_tokens)
         for node in order:
             after_region.prepend(node)
 
@@ -386,6 +433,7 @@ def partition_pass(forward: ForwardGraph, decisions: PartitionDecisions, batch_s
             raise PartitionError(f"batch of {batch_size} samples cannot be split into {spec.parts} parts")
         nodes = _range(gm.graph, spec)
         _check_dispatch_complete(gm.graph, nodes)
+        _check_part_capacity(nodes, spec.parts)
         region = _Region(spec=spec, nodes=nodes, mode=_classify(nodes, axes))
         _Rewriter(gm.graph, region, axes).run()
         gm.graph.lint()
