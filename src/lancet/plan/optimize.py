@@ -75,7 +75,7 @@ def _load(profile_path: str, comm_path: str):
         if getattr(comm_identity, f) != getattr(profile_identity, f)
     ]
     if differences:
-        raise ArtifactMismatch(f"{comm_path} was measured for a different run:\n  " + "\n  ".join(differences))
+        raise ArtifactMismatch(f"{comm_path} was measured for a different run: " + "; ".join(differences))
     return profile_doc, profile_identity, comm_identity, CommProfile.from_json(comm_doc["comm"])
 
 
