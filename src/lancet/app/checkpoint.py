@@ -123,7 +123,7 @@ class Checkpointer:
             rng[f"cuda.rank{rank}"] = torch.cuda.get_rng_state(self.device)
         return {"model": model_state, "optim": optim_state, "rng": rng, "progress": {"step": 0}}
 
-    def save(self, step: int, extra: dict | None = None) -> Path:
+    def save(self, step: int) -> Path:
         """Checkpoint the state after ``step`` completed steps; returns the complete folder."""
         final = step_dir(self.root, step)
         partial = final.with_name(final.name + PARTIAL)
@@ -140,7 +140,7 @@ class Checkpointer:
         maybe_crash_in_save(rank, step)
         if rank == 0:
             manifest = {"format": "lancet-checkpoint", "version": CHECKPOINT_VERSION, "step": step,
-                        "identity": self.identity, **(extra or {})}
+                        "identity": self.identity}
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=1))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(partial, final)

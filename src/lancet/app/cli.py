@@ -314,8 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         if err.traceback_path:
             print(f"  (the rank's traceback: {err.traceback_path})", file=sys.stderr)
         return status
-    except (Interrupted, KeyboardInterrupt):
-        return _error(args.command, "interrupted; every rank has stopped", INTERRUPTED_STATUS)
+    except Interrupted as err:
+        return _error(args.command, f"interrupted: {err}", INTERRUPTED_STATUS)
+    except KeyboardInterrupt:
+        return _error(args.command, "interrupted", INTERRUPTED_STATUS)
     except BrokenPipeError:
         _silence_stdout()
         return _error(args.command, "standard output was closed", 1)

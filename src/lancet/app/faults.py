@@ -5,8 +5,9 @@
 - ``raise`` (default): raise an exception at the start of the step;
 - ``kill``: the rank kills itself with SIGKILL at the start of the step (no cleanup, no record);
 - ``nan``: the rank's gradient of its first expert parameter becomes NaN after the step;
-- ``save``: the rank dies (SIGKILL) inside the checkpoint save after STEP completed steps, after its
-  data was written and before the checkpoint was committed.
+- ``save``: the rank dies (SIGKILL) inside the checkpoint save after STEP completed steps, once every
+  rank's data is written; on rank 0 that is before the commit (manifest and rename), so the checkpoint
+  stays partial; on another rank, rank 0 may already have committed it (the data is complete).
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ import signal
 import threading
 
 
+class StoppedOnRequest(KeyboardInterrupt):
+    """Raised by every rank after it stopped on request (and saved): the rank then leaves at once.
+
+    (A rank that returned normally would wait for a launcher that is shutting down to collect its result.)
+    """
+
+
 class StopRequest:
     """Context manager: while active, SIGINT sets ``requested`` instead of raising KeyboardInterrupt."""
 

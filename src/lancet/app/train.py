@@ -29,7 +29,7 @@ from lancet.app.faults import maybe_inject_fault, maybe_poison_gradients
 from lancet.app.gc_policy import ScheduledCollection
 from lancet.app.guard import StepGuard
 from lancet.app.report import StepProgress, console_for, header_line, stage, step_line, summary_line
-from lancet.app.stop import StopRequest
+from lancet.app.stop import StopRequest, StoppedOnRequest
 from lancet.runtime.dist import Runtime, rank_runtime
 from lancet.models import GPT2MoEConfig, build_model
 from lancet.step.train_step import StepResult, TrainStep
@@ -103,16 +103,22 @@ def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
     check_agreement(rank_facts(run, runner), runtime.group, _collective_device(runtime))
     checkpointer = make_checkpointer(run, session)
     first = resume(run, checkpointer, console)
-    records = _loop(run, session, runner, checkpointer, first, console)
+    records, stopped = _loop(run, session, runner, checkpointer, first, console)
     console.print(summary_line(records, time.perf_counter() - begin, first), markup=False)
+    if stopped is not None:
+        raise StoppedOnRequest(stopped)
     return records
 
 
-def _loop(run: RunConfig, session: Session, runner, checkpointer, first: int, console) -> list[dict]:
-    """Steps ``first`` .. ``run.steps - 1``; checkpoints every ``run.checkpoint_every`` steps, at the end and on stop."""
+def _loop(run: RunConfig, session: Session, runner, checkpointer, first: int, console) -> tuple[list[dict], str | None]:
+    """Steps ``first`` .. ``run.steps - 1``; checkpoints every ``run.checkpoint_every`` steps, at the end and on stop.
+
+    Returns the records and, when the ranks stopped on request, what to tell the user.
+    """
     runtime = session.runtime
     guard = StepGuard(session.train_step.param_names, run.nonfinite, runtime.group, _collective_device(runtime))
     records: list[dict] = []
+    stopped = None
     with ExitStack() as stack:
         metrics = _open_metrics(run, runtime, append=first > 0)
         if metrics is not None:
@@ -128,15 +134,16 @@ def _loop(run: RunConfig, session: Session, runner, checkpointer, first: int, co
                 metrics.flush()
             progress.advance(step_line(record))
             done = step + 1
+            path = None
             if checkpointer is not None and (verdict.stop or done % run.checkpoint_every == 0 or done == run.steps):
-                path = checkpointer.save(done, {"records": len(records)})
+                path = checkpointer.save(done)
                 console.print(f"checkpoint -> {path}", markup=False)
             if verdict.stop:
-                console.print(f"stopped on request after step {step}"
-                              + ("" if checkpointer else " (no --checkpoint-dir: nothing saved)"), markup=False)
+                saved = f"checkpoint {path}" if path else "nothing saved (no --checkpoint-dir)"
+                stopped = f"stopped on request after step {step} on every rank; {saved}"
                 break
             collection.after_step(step)
-    return records
+    return records, stopped
 
 
 def _one_step(run: RunConfig, session: Session, runner, guard: StepGuard, step: int, stop_requested: bool):

@@ -181,8 +181,8 @@ class Interrupted(RuntimeError):
 def _rank_main(entrypoint: Callable[..., Any], *args: Any) -> Any:
     """Every launched rank runs this: a failure is recorded for the launcher, not printed.
 
-    The rank exits with status 1 (130 when interrupted) without a traceback on the terminal: the
-    launcher prints the first failure in one line, and the traceback stays in the record.
+    The rank exits with status 1 (130 when interrupted) at once, without a traceback on the terminal:
+    the launcher prints the first failure in one line, and the traceback stays in the record.
     """
     try:
         return entrypoint(*args)
@@ -191,7 +191,9 @@ def _rank_main(entrypoint: Callable[..., Any], *args: Any) -> Any:
             raise
         record_failure(err, int(os.environ.get("RANK", 0)))
         _flush_quietly()
-        raise SystemExit(130 if isinstance(err, KeyboardInterrupt) else 1) from None
+        # Leave at once: the interpreter's orderly shutdown (joining torch's threads) takes seconds, during which
+        # the other ranks wait in a collective for this one.
+        os._exit(130 if isinstance(err, KeyboardInterrupt) else 1)
 
 
 def _flush_quietly() -> None:
@@ -204,11 +206,17 @@ def _flush_quietly() -> None:
             pass
 
 
+def _interrupted(folder: str) -> Interrupted:
+    """What the ranks said when they stopped on Ctrl-C (rank 0's words), as one exception."""
+    said = sorted((r.rank, r.line) for r in read_failures(folder) if r.kind == INTERRUPTED)
+    return Interrupted(said[0][1] if said else "interrupted; every rank has stopped")
+
+
 def _failure(err: ChildFailedError, folder: str) -> RankFailed | Interrupted:
     records = read_failures(folder)
     exitcodes = {rank: failure.exitcode for rank, failure in err.failures.items()}
     if records and all(r.kind == INTERRUPTED for r in records):
-        return Interrupted("interrupted")
+        return _interrupted(folder)
     line = describe_failure(records, exitcodes)
     rank = next((r for r in records if line == f"rank {r.rank} failed: {r.line}"), None)
     return RankFailed(line, str(Path(folder) / f"rank{rank.rank}.json") if rank is not None else None)
@@ -251,7 +259,7 @@ def launch(entrypoint: Callable[..., Any], args: tuple, nproc: int | None) -> An
             keep = isinstance(failure, RankFailed) and failure.traceback_path is not None
             raise failure from None
         except (SignalException, KeyboardInterrupt):
-            raise Interrupted("interrupted") from None
+            raise _interrupted(folder) from None
         finally:
             if not keep:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -274,11 +282,16 @@ def _environment(key: str, value: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_elastic_logs() -> Iterator[None]:
-    """The elastic agent logs every failure and shutdown; lancet reports the first failure itself."""
-    logger = logging.getLogger("torch.distributed.elastic")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
+    """The elastic agent (and the process spawner under it) log every failure and shutdown; lancet reports the
+    first failure itself. Their loggers set levels of their own, so each is quieted, not just the parents."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    names = [name for name in list(logging.root.manager.loggerDict) if name.startswith(prefixes)]
+    loggers = [logging.getLogger(name) for name in (*prefixes, *names)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

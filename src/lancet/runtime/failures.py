@@ -53,7 +53,14 @@ class FailureRecord:
 
 
 def error_line(err: BaseException) -> str:
-    """``Type: first line of the message`` (the message alone for lancet's own one-line errors)."""
+    """``Type: first line of the message``; for an exit caused by another error (rich exits on a closed stdout),
+    that error's."""
+    if isinstance(err, SystemExit) and err.__context__ is not None:
+        err = err.__context__
+    if isinstance(err, KeyboardInterrupt):
+        return str(err).strip() or "interrupted"
+    if isinstance(err, BrokenPipeError):
+        return f"BrokenPipeError: {err} (its output was closed)"
     message = str(err).strip()
     first = message.splitlines()[0] if message else ""
     name = type(err).__name__
@@ -82,7 +89,8 @@ def record_failure(err: BaseException, rank: int) -> None:
     path = Path(folder) / f"rank{rank}.json"
     if path.exists():
         return
-    record = FailureRecord(rank, time.time(), classify(err), error_line(err),
+    cause = err.__context__ if isinstance(err, SystemExit) and err.__context__ is not None else err
+    record = FailureRecord(rank, time.time(), classify(cause), error_line(err),
                            "".join(traceback.format_exception(err)))
     tmp = path.with_suffix(".tmp")
     try:
