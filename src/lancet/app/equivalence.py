@@ -112,20 +112,26 @@ def _train(variant: str, session, plan, initial: list[torch.Tensor], run, steps:
     return curve
 
 
-def equivalence_worker(run, steps: int, parts: int) -> dict:
-    """Every variant's curve on this rank's view (rank 0's return value is the launcher's)."""
+def train_variants(run, runtime, steps: int, parts: int) -> dict:
+    """Every variant's curve (the same on every rank), the plan's dW moves and partition regions."""
     from lancet.app.train import build_session
+
+    session = build_session(run, runtime)
+    plan = reference_plan(session.train_step, *session.batch(0), session.identity, parts)
+    initial = [p.detach().clone() for p in session.params]
+    curves = {v: _train(v, session, plan, initial, run, steps) for v in VARIANTS}
+    dw = plan.variants["lancet-dw"].dw
+    regions = [r.to_json() for r in plan.variants["lancet-part"].partition.regions]
+    return {"steps": steps, "dw_nodes_moved": dw.num_moved if dw else 0, "partition_regions": regions,
+            "curves": {v: {"loss": c.loss, "dropped": c.dropped} for v, c in curves.items()}}
+
+
+def equivalence_worker(run, steps: int, parts: int) -> dict:
+    """The rank job of ``main``: ``train_variants`` on a fresh process group."""
     from lancet.runtime.dist import rank_runtime
 
     with rank_runtime(run.network, run.collective_timeout) as runtime:
-        session = build_session(run, runtime)
-        plan = reference_plan(session.train_step, *session.batch(0), session.identity, parts)
-        initial = [p.detach().clone() for p in session.params]
-        curves = {v: _train(v, session, plan, initial, run, steps) for v in VARIANTS}
-        moved = plan.variants["lancet-dw"].dw.num_moved if plan.variants["lancet-dw"].dw else 0
-        regions = [r.to_json() if hasattr(r, "to_json") else str(r) for r in plan.variants["lancet-part"].partition.regions]
-        return {"steps": steps, "dw_nodes_moved": moved, "partition_regions": regions,
-                "curves": {v: {"loss": c.loss, "dropped": c.dropped} for v, c in curves.items()}}
+        return train_variants(run, runtime, steps, parts)
 
 
 def compare(curves: dict[str, dict]) -> dict[str, dict]:
