@@ -107,6 +107,19 @@ def checked_outputs(*files: tuple[str | None, str], folders: tuple[tuple[str | N
         raise UsageError(str(err)) from None
 
 
+def starting(command: str, run: RunConfig) -> None:
+    """Say what happens before the ranks print anything (importing torch and starting them takes a while)."""
+    from lancet.runtime.dist import under_torchrun
+
+    if under_torchrun():
+        return
+    import torch
+
+    world = planned_world_size(run.nproc)
+    where = "GPUs with NCCL" if torch.cuda.is_available() else "CPU ranks with gloo"
+    print(f"lancet {command}: starting {world} {where}...", file=sys.stderr, flush=True)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lancet.app.train import train_worker
 
@@ -115,6 +128,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
                    nonfinite=args.nonfinite)
     )
+    starting("train", run)
     launch(train_worker, (run,), run.nproc)
     return 0
 

@@ -98,9 +98,12 @@ def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
     with stage(console, "building the model and reading the data"):
         session = build_session(run, runtime)
     console.print(header_line(run, session), markup=False)
-    with stage(console, "preparing the step" if run.mode == "eager" else "capturing the step graph"):
+    if run.mode == "eager":
         runner = make_runner(run, session)
-    check_agreement(rank_facts(run, runner), runtime.group, _collective_device(runtime))
+    else:
+        with stage(console, "capturing the step graph"):
+            runner = make_runner(run, session)
+    check_agreement(rank_facts(run, runner), runtime.group, runtime.device)
     checkpointer = make_checkpointer(run, session)
     first = resume(run, checkpointer, console)
     records, stopped = _loop(run, session, runner, checkpointer, first, console)
@@ -116,7 +119,7 @@ def _loop(run: RunConfig, session: Session, runner, checkpointer, first: int, co
     Returns the records and, when the ranks stopped on request, what to tell the user.
     """
     runtime = session.runtime
-    guard = StepGuard(session.train_step.param_names, run.nonfinite, runtime.group, _collective_device(runtime))
+    guard = StepGuard(session.train_step.param_names, run.nonfinite, runtime.group, runtime.device)
     records: list[dict] = []
     stopped = None
     with ExitStack() as stack:
@@ -173,11 +176,6 @@ def _one_step(run: RunConfig, session: Session, runner, guard: StepGuard, step: 
     if runtime.device.type == "cuda":
         record["peak_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
     return record, verdict
-
-
-def _collective_device(runtime: Runtime) -> torch.device:
-    """Where small collective tensors live: the GPU under NCCL, the CPU under gloo."""
-    return runtime.device
 
 
 def _open_metrics(run: RunConfig, runtime: Runtime, append: bool):
