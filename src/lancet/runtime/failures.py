@@ -139,11 +139,3 @@ def describe_failure(records: list[FailureRecord], exitcodes: dict[int, int]) ->
         status = f"was killed by {_signal_name(code)}" if code < 0 else f"exited with status {code}"
         return f"rank {rank} {status}"
     return "a rank failed"
-
-
-def traceback_of(records: list[FailureRecord], line: str) -> str | None:
-    """The traceback of the record ``line`` names, if any."""
-    for record in records:
-        if line == f"rank {record.rank} failed: {record.line}":
-            return record.traceback
-    return None
