@@ -178,7 +178,7 @@ def _partition_variants(
     if not partition:
         plan.variants["lancet-part"], plan.variants["lancet"] = unpartitioned, fallback
         return
-    bar = tqdm(desc="range search", disable=not progress, unit="candidate")
+    bar = tqdm(desc="range search", disable=None if progress else True, unit="candidate")  # None: off unless a terminal
     selection = select_partitions(forward, derived.costs, tokens.shape[0], max_parts=max_partitions,
                                   progress=lambda: bar.update(1))
     bar.close()
