@@ -216,7 +216,7 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
     from lancet.plan.plan import load_plan
     from lancet.app.train import build_session
 
-    with rank_runtime(run.network) as runtime:
+    with rank_runtime(run.network, run.collective_timeout) as runtime:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]

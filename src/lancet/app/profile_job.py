@@ -29,7 +29,7 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_
     from lancet.plan.plan import tutel_graph
     from lancet.app.train import build_session
 
-    with rank_runtime(run.network) as runtime:
+    with rank_runtime(run.network, run.collective_timeout) as runtime:
         session = build_session(run, runtime)
         tokens, targets = session.batch(0)
         if tutel_parts == 1:
@@ -76,7 +76,7 @@ def optimizer_ms(session, reps: int) -> float:
 
 def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: int) -> dict:
     """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
-    with rank_runtime(run.network) as runtime:
+    with rank_runtime(run.network, run.collective_timeout) as runtime:
         with StepProgress(console_for(runtime.is_main), "comm sweep", len(sizes) * len(KINDS)) as bar:
             curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.advance())
         compute_slowdown, comm_slowdown = measure_contention(runtime.group, runtime.device)
