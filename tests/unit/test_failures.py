@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 
-from lancet.app.bench import _speedup, quartiles, within_noise
+from lancet.app.bench import speedup, quartiles, within_noise
 from lancet.runtime.failures import PRIMARY, SECONDARY, FailureRecord, classify, describe_failure, error_line
 
 
@@ -43,4 +43,4 @@ def test_bench_marks_differences_within_the_quartiles_as_noise():
     faster = {"variant": "lancet", "step_ms": 7.7, "quartiles_ms": [7.5, 7.9]}
     assert eager["quartiles_ms"] == [9.5, 10.5]
     assert within_noise(same, eager) and not within_noise(faster, eager)
-    assert _speedup(same, eager) == "1.299 ~" and _speedup(faster, eager) == "1.299"
+    assert speedup(same, eager) == "1.299 ~" and speedup(faster, eager) == "1.299"

@@ -266,7 +266,7 @@ def within_noise(a: dict, b: dict) -> bool:
     return qa[0] <= qb[1] and qb[0] <= qa[1]
 
 
-def _speedup(row: dict, eager: dict | None) -> str:
+def speedup(row: dict, eager: dict | None) -> str:
     """Eager step time over this variant's, marked ``~`` when the difference is within the spread (noise)."""
     if eager is None:
         return ""
@@ -296,7 +296,7 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
             r["variant"],
             f"{r['step_ms']:.2f}",
             f"{q[0]:.2f}-{q[1]:.2f}" if q else "",
-            _speedup(r, eager),
+            speedup(r, eager),
             f"{r['tokens_per_s']:,.0f}",
             f"{t['a2a_ms']:.2f}" if t else "",
             f"{t['exposed_a2a_ms']:.2f}" if t else "",
