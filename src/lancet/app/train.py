@@ -130,7 +130,7 @@ def _loop(run: RunConfig, session: Session, runner, checkpointer, first: int, co
         stop = stack.enter_context(StopRequest())
         progress = stack.enter_context(StepProgress(console, "train", run.steps, first))
         for step in range(first, run.steps):
-            record, verdict = _one_step(run, session, runner, guard, step, stop.requested)
+            record, verdict = _one_step(run, session, runner, guard, step, stop)
             records.append(record)
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
@@ -149,7 +149,7 @@ def _loop(run: RunConfig, session: Session, runner, checkpointer, first: int, co
     return records, stopped
 
 
-def _one_step(run: RunConfig, session: Session, runner, guard: StepGuard, step: int, stop_requested: bool):
+def _one_step(run: RunConfig, session: Session, runner, guard: StepGuard, step: int, stop: StopRequest):
     """Run the step, agree with the other ranks on its outcome, apply (or skip) the update."""
     runtime = session.runtime
     maybe_inject_fault(runtime.rank, step)
@@ -158,7 +158,7 @@ def _one_step(run: RunConfig, session: Session, runner, guard: StepGuard, step: 
     start = time.perf_counter()
     result = runner(session.params, tokens, targets)
     maybe_poison_gradients(runtime.rank, step, result.grads, session.train_step.param_names)
-    verdict = guard.check(step, result.loss, result.grads, stop_requested)
+    verdict = guard.check(step, result.loss, result.grads, stop.requested)  # a Ctrl-C during the step counts
     if not verdict.skip:
         session.apply(result)
     runtime.synchronize()
