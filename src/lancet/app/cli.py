@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         return status
     except Interrupted as err:
         return _error(args.command, f"interrupted: {err}", INTERRUPTED_STATUS)
-    except KeyboardInterrupt:
-        return _error(args.command, "interrupted", INTERRUPTED_STATUS)
+    except KeyboardInterrupt as err:  # under torchrun: this rank's own stop (StoppedOnRequest) or Ctrl-C
+        return _error(args.command, f"interrupted: {err}" if str(err) else "interrupted", INTERRUPTED_STATUS)
     except BrokenPipeError:
         _silence_stdout()
         return _error(args.command, "standard output was closed", 1)
