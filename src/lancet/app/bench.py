@@ -28,6 +28,7 @@ from rich.table import Table
 from lancet.app.config import RunConfig
 from lancet.runtime.dist import rank_runtime
 from lancet.app.gc_policy import ScheduledCollection
+from lancet.app.report import header_line
 from lancet.step.train_step import StepResult
 
 PLAN_VARIANTS = ("lancet-dw", "lancet-part", "lancet")
@@ -84,6 +85,8 @@ class VariantResult:
     round_ms: list[float] = field(default_factory=list)
     """Median step time of each round (the spread shows run-to-run noise)."""
     predicted: dict | None = None
+    quartiles_ms: list[float] = field(default_factory=list)
+    """First and third quartile of the timed steps: the spread beside the median."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -203,6 +206,7 @@ def _result(variant: str, state: _VariantState, session, plan) -> VariantResult:
     step_ms = statistics.median(state.times)
     tokens = session.model_cfg.tokens_per_rank * session.runtime.world_size
     result = VariantResult(variant, step_ms, tokens / (step_ms / 1e3), state.peak_gib, state.trace, list(state.round_ms))
+    result.quartiles_ms = quartiles(state.times)
     if plan is not None and variant in PLAN_VARIANTS:
         result.predicted = plan.variant(variant).predicted
     elif plan is not None and variant in BASE_VARIANTS:
@@ -214,11 +218,13 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
     from lancet.plan.plan import load_plan
     from lancet.app.train import build_session
 
-    with rank_runtime(run.network) as runtime:
+    with rank_runtime(run.network, run.collective_timeout) as runtime:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]
         console = Console(width=160)
+        if runtime.is_main:
+            console.print(header_line(run, session, step=f"variants {', '.join(opts.variants)}"), markup=False)
         states: dict[str, _VariantState] = {}
         for round_index in range(opts.rounds):
             last = round_index == opts.rounds - 1
@@ -248,6 +254,28 @@ def _write_json(path: str, run: RunConfig, world_size: int, rows: list[dict]) ->
     partial.replace(path)
 
 
+def quartiles(times: list[float]) -> list[float]:
+    """[first, third] quartile of step times (both the one time when there is one)."""
+    if len(times) < 2:
+        return [times[0], times[0]] if times else []
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return [q1, q3]
+
+
+def within_noise(a: dict, b: dict) -> bool:
+    """Whether two variants' step times are within each other's spread: their quartile ranges overlap."""
+    qa, qb = a.get("quartiles_ms") or [a["step_ms"]] * 2, b.get("quartiles_ms") or [b["step_ms"]] * 2
+    return qa[0] <= qb[1] and qb[0] <= qa[1]
+
+
+def speedup(row: dict, eager: dict | None) -> str:
+    """Eager step time over this variant's, marked ``~`` when the difference is within the spread (noise)."""
+    if eager is None:
+        return ""
+    ratio = f"{eager['step_ms'] / row['step_ms']:.3f}"
+    return ratio if row is eager or not within_noise(row, eager) else f"{ratio} ~"
+
+
 def _spread(round_ms: list[float]) -> str:
     if len(round_ms) < 2:
         return ""
@@ -258,17 +286,19 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} network={run.network or 'native'}"
     table = Table(title=title)
     rounds = max(len(r.get("round_ms") or ()) for r in rows)
-    columns = ("variant", "step ms", "x eager", "tokens/s", "a2a ms", "exposed a2a", "exposed bwd a2a",
+    columns = ("variant", "step ms", "q1-q3 ms", "x eager", "tokens/s", "a2a ms", "exposed a2a", "exposed bwd a2a",
                "exposed comm", "two-lane bound", "predicted ms", "peak GiB") + (("round spread",) if rounds > 1 else ())
     for column in columns:
         table.add_column(column, justify="right")
-    eager = next((r["step_ms"] for r in rows if r["variant"] == "eager"), None)
+    eager = next((r for r in rows if r["variant"] == "eager"), None)
     for r in rows:
         t = r["trace"]
+        q = r.get("quartiles_ms") or []
         table.add_row(
             r["variant"],
             f"{r['step_ms']:.2f}",
-            f"{eager / r['step_ms']:.3f}" if eager else "",
+            f"{q[0]:.2f}-{q[1]:.2f}" if q else "",
+            speedup(r, eager),
             f"{r['tokens_per_s']:,.0f}",
             f"{t['a2a_ms']:.2f}" if t else "",
             f"{t['exposed_a2a_ms']:.2f}" if t else "",
@@ -283,5 +313,7 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     if rounds > 1:
         console.print(f"step ms: median of all timed steps of {rounds} rounds; round spread: (slowest - fastest round "
                       "median) / step ms")
+    console.print("step ms: median; q1-q3: first to third quartile of the timed steps; x eager: eager median / "
+                  "variant median, '~' where the quartile ranges overlap: that difference is within noise")
     console.print("times in ms; exposed = not covered by compute kernels; two-lane bound = max(compute kernel time, "
                   "communication kernel time) (profiled steps, rank 0)")

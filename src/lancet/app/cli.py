@@ -7,11 +7,17 @@ ranks launched here). Input is checked before any rank starts.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 
 from lancet.app.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
-from lancet.runtime.dist import NETWORK_ENV, RankFailed, launch, planned_world_size
+from lancet.app.guard import NONFINITE_POLICIES
+from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV, Interrupted, RankFailed, launch, planned_world_size
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS
+
+INTERRUPTED_STATUS = 130
+"""Exit status after Ctrl-C (128 + SIGINT), as shells use."""
 
 
 class UsageError(Exception):
@@ -21,9 +27,9 @@ class UsageError(Exception):
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="cpu_small", help="gpt2_moe_nl<L>_m<M>_nh<H>_sl<S>_b<B> or a named config")
-    group.add_argument("--gate", default="switch", choices=GATE_KINDS)
+    group.add_argument("--gate", default="switch", choices=GATE_KINDS, help="routing of tokens to experts")
     group.add_argument("--topk", type=int, default=2, help="experts per token for --gate topk")
-    group.add_argument("--capacity-factor", type=float, default=1.0)
+    group.add_argument("--capacity-factor", type=float, default=1.0, help="expert capacity per token share (switch, batch_prioritized)")
     group.add_argument("--dispatch", default=None, choices=DISPATCH_KINDS,
                        help="padded: fixed [E, C, M] buffers, no host sync (default for switch, batch_prioritized); "
                             "ragged: only kept rows, split sizes read by the host (default and only choice for topk)")
@@ -34,16 +40,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
     add_model_args(parser)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
+    parser.add_argument("--steps", type=int, default=20, help="training steps (bench: timed steps per variant and round)")
+    parser.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS, help="optimizer applied after every step")
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-3 (adamw), 0.1 (sgd)")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES, help="bf16: autocast with fp32 master weights")
     parser.add_argument("--data", default="synthetic", help="synthetic, stdlib (Python's own sources), or a path")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the initial parameters and of the batches")
     parser.add_argument("--network", default=None, choices=list(NETWORK_ENV), help="emulated interconnect (NCCL env)")
     parser.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: all GPUs, or 2 CPU ranks)")
     parser.add_argument("--gc-every", type=int, default=10,
                         help="Python garbage collection every N steps, between timed steps (automatic collection is off)")
+    parser.add_argument("--collective-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S, metavar="SECONDS",
+                        help="a rank waiting longer than this in one collective gives up (the job then ends)")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -71,26 +79,60 @@ def run_config(args: argparse.Namespace, **extra) -> RunConfig:
         network=args.network,
         nproc=args.nproc,
         gc_every=args.gc_every,
+        collective_timeout=args.collective_timeout,
     )
     fields.update(extra)
     return RunConfig(**fields)
 
 
-def checked(run: RunConfig) -> RunConfig:
-    """Validate against the world size the command will have; raise UsageError on bad input."""
+def checked(run: RunConfig, *files: tuple[str | None, str], folders: tuple[tuple[str | None, str], ...] = ()) -> RunConfig:
+    """Validate the run against the world size the command will have (``lancet.app.preflight``) and the output
+    ``files`` / ``folders`` (path, flag) it will write; raise UsageError on bad input."""
+    from lancet.app.preflight import check_run
+
     try:
-        run.validate(planned_world_size(run.nproc))
+        check_run(run, planned_world_size(run.nproc))
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
+    checked_outputs(*files, folders=folders)
     return run
+
+
+def checked_outputs(*files: tuple[str | None, str], folders: tuple[tuple[str | None, str], ...] = ()) -> None:
+    """Raise UsageError unless every output file and folder (path, flag) can be written."""
+    from lancet.app.preflight import check_output_dir, check_output_file
+
+    try:
+        for path, flag in files:
+            check_output_file(path, flag)
+        for path, flag in folders:
+            check_output_dir(path, flag)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def starting(command: str, run: RunConfig) -> None:
+    """Say what happens before the ranks print anything (importing torch and starting them takes a while)."""
+    from lancet.runtime.dist import under_torchrun
+
+    if under_torchrun():
+        return
+    import torch
+
+    world = planned_world_size(run.nproc)
+    where = "GPUs with NCCL" if torch.cuda.is_available() else "CPU ranks with gloo"
+    print(f"lancet {command}: starting {world} {where}...", file=sys.stderr, flush=True)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lancet.app.train import train_worker
 
     run = checked(
-        run_config(args, mode=args.mode, plan=args.plan, plan_variant=args.plan_variant, metrics_jsonl=args.metrics_jsonl)
+        run_config(args, mode=args.mode, plan=args.plan, plan_variant=args.plan_variant, metrics_jsonl=args.metrics_jsonl,
+                   checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
+                   nonfinite=args.nonfinite)
     )
+    starting("train", run)
     launch(train_worker, (run,), run.nproc)
     return 0
 
@@ -98,7 +140,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from lancet.app.inspect_job import inspect_worker
 
-    run = checked(run_config(args, steps=1))
+    run = checked(run_config(args, steps=1), (args.json, "--json"))
     launch(inspect_worker, (run, args.json), run.nproc)
     return 0
 
@@ -106,7 +148,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from lancet.app.profile_job import profile_worker
 
-    run = checked(run_config(args, steps=1))
+    run = checked(run_config(args, steps=1), (args.out, "--out"))
     if args.passes < 1 or args.reps < 1:
         raise UsageError("--passes and --reps must be >= 1")
     if args.tutel < 1:
@@ -118,7 +160,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_profile_comm(args: argparse.Namespace) -> int:
     from lancet.app.profile_job import DEFAULT_SIZES, profile_comm_worker
 
-    run = checked(run_config(args, steps=1))
+    run = checked(run_config(args, steps=1), (args.out, "--out"))
     sizes = DEFAULT_SIZES
     if args.max_bytes is not None:
         sizes = [s for s in DEFAULT_SIZES if s <= args.max_bytes]
@@ -131,10 +173,10 @@ def cmd_profile_comm(args: argparse.Namespace) -> int:
 def cmd_optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from lancet.plan.artifact import ArtifactMismatch
     from lancet.app.profile_job import step_for_profile
     from lancet.plan.optimize import optimize, print_prediction
 
+    checked_outputs((args.out, "--out"), folders=((args.trace_dir, "--trace-dir"),))
     try:
         if args.max_partitions < 2:
             raise UsageError("--max-partitions must be >= 2")
@@ -148,7 +190,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             trace_dir=args.trace_dir,
             build_step=step_for_profile,
         )
-    except (ArtifactMismatch, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:  # ArtifactError is a ValueError
         raise UsageError(str(err)) from None
     result.plan.write(args.out)
     print_prediction(result, Console())
@@ -159,7 +201,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from lancet.app.bench import BenchOptions, bench_worker
 
-    run = checked(run_config(args))
+    run = checked(run_config(args), (args.json, "--json"), folders=((args.trace_dir, "--trace-dir"),))
     opts = BenchOptions(
         variants=[v.strip() for v in args.variants.split(",") if v.strip()],
         steps=args.steps,
@@ -172,6 +214,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     try:
         opts.validate()
+        if opts.plan is not None:
+            from lancet.app.preflight import launcher_device
+            from lancet.plan.plan import load_plan
+
+            load_plan(opts.plan, run.identity(planned_world_size(run.nproc), launcher_device()))
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     launch(bench_worker, (run, opts), run.nproc)
@@ -179,11 +226,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    from lancet.measure.timeline import render
+    from lancet.measure.timeline import TraceError, render
 
+    checked_outputs((args.out, "--out"))
     try:
         render(args.trace, args.out, args.step)
-    except (FileNotFoundError, IndexError) as err:
+    except (FileNotFoundError, IndexError, TraceError) as err:
         raise UsageError(str(err)) from None
     print(f"timeline -> {args.out}")
     return 0
@@ -192,13 +240,23 @@ def cmd_timeline(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lancet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = functools.partial(sub.add_parser, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     train = sub.add_parser("train", help="train a model (eager or captured step)")
     add_run_args(train)
-    train.add_argument("--mode", default="eager", choices=("eager", "captured"))
+    train.add_argument("--mode", default="eager", choices=("eager", "captured"),
+                       help="eager: the step op by op; captured: its traced whole-step graph")
     train.add_argument("--plan", default=None, help="plan from `lancet optimize` (captured mode)")
-    train.add_argument("--plan-variant", default="lancet", choices=("lancet", "lancet-dw", "lancet-part"))
+    train.add_argument("--plan-variant", default="lancet", choices=("lancet", "lancet-dw", "lancet-part"),
+                       help="which schedule of the plan to run")
     train.add_argument("--metrics-jsonl", default=None, help="write per-step metrics here (rank 0)")
+    train.add_argument("--checkpoint-dir", default=None, help="save checkpoints into this folder (off when not given)")
+    train.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                       help="save after every N steps (also after the last step, and on Ctrl-C)")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the latest complete checkpoint in --checkpoint-dir (step 0 if none)")
+    train.add_argument("--nonfinite", default="stop", choices=NONFINITE_POLICIES,
+                       help="on a non-finite loss or gradient: stop naming the step and tensor, or skip the update")
     train.set_defaults(func=cmd_train)
 
     inspect = sub.add_parser("inspect", help="summarise the captured step graph")
@@ -219,13 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     comm = sub.add_parser("profile-comm", help="measure all-to-all / all-reduce cost curves and contention")
     add_run_args(comm)
     comm.add_argument("--out", required=True, help="comm profile JSON to write")
-    comm.add_argument("--reps", type=int, default=5)
+    comm.add_argument("--reps", type=int, default=5, help="timed repetitions per size")
     comm.add_argument("--max-bytes", type=int, default=None, help="largest message size to sweep")
     comm.set_defaults(func=cmd_profile_comm)
 
     opt = sub.add_parser("optimize", help="choose a schedule from a profile and a comm profile")
-    opt.add_argument("--profile", required=True)
-    opt.add_argument("--comm", required=True)
+    opt.add_argument("--profile", required=True, help="profile JSON from `lancet profile`")
+    opt.add_argument("--comm", required=True, help="comm profile JSON from `lancet profile-comm`")
     opt.add_argument("--out", required=True, help="plan JSON to write")
     opt.add_argument("--no-dw", action="store_true", help="skip dW scheduling (all-reduce placement only)")
     opt.add_argument("--no-partition", action="store_true", help="skip the forward partition search")
@@ -259,16 +317,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input, a failed rank and Ctrl-C each end in one line on stderr, never a traceback.
+
+    Exit status: 0 done, 1 a rank failed, 2 bad input, 130 interrupted.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UsageError as err:
-        print(f"lancet {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _error(args.command, str(err), 2)
     except RankFailed as err:
-        print(f"lancet {args.command}: error: {err}", file=sys.stderr)
-        return 1
+        status = _error(args.command, str(err), 1)
+        if err.traceback_path:
+            print(f"  (the rank's traceback: {err.traceback_path})", file=sys.stderr)
+        return status
+    except Interrupted as err:
+        return _error(args.command, f"interrupted: {err}", INTERRUPTED_STATUS)
+    except KeyboardInterrupt as err:  # under torchrun: this rank's own stop (StoppedOnRequest) or Ctrl-C
+        return _error(args.command, f"interrupted: {err}" if str(err) else "interrupted", INTERRUPTED_STATUS)
+    except BrokenPipeError:
+        _silence_stdout()
+        return _error(args.command, "standard output was closed", 1)
+
+
+def _error(command: str, message: str, status: int) -> int:
+    print(f"lancet {command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _silence_stdout() -> None:
+    """After a closed pipe on stdout, point it at /dev/null so the exit's flush does not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

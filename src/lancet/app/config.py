@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 
 from lancet.plan.artifact import RunIdentity, device_description, gate_description
 from lancet.app.data import SYNTHETIC, resolve_corpus_path
-from lancet.runtime.dist import NETWORK_ENV
+from lancet.app.guard import NONFINITE_POLICIES
+from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV
 from lancet.models import GPT2MoEConfig, model_config
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS, GateConfig
 
@@ -74,10 +75,25 @@ class RunConfig:
     nproc: int | None = None
     gc_every: int = 10
     """Python garbage collection runs every this many steps, outside the timed step (never inside one)."""
+    checkpoint_dir: str | None = None
+    """Folder of checkpoints (``lancet.app.checkpoint``); None: no checkpoints."""
+    checkpoint_every: int = 100
+    """Save after every this many steps (and after the last step, and on Ctrl-C)."""
+    resume: bool = False
+    """Start from the latest complete checkpoint in ``checkpoint_dir`` (from step 0 if there is none)."""
+    nonfinite: str = "stop"
+    """On a non-finite loss or gradient: stop (naming step and tensor) or skip the step's update."""
+    collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+    """Seconds a rank waits in one collective for its peers before giving up."""
 
     def validate(self, world_size: int) -> GPT2MoEConfig:
         """Raise ValueError/FileNotFoundError for bad input; return the model config."""
+        if world_size < 1:
+            raise ValueError(f"--nproc must be >= 1, got {world_size}")
         cfg = self.spec.model_config()
+        experts = cfg.total_experts(world_size)
+        if experts < world_size:
+            raise ValueError(f"{world_size} ranks but only {experts} experts: every rank needs at least one expert")
         cfg.validate_for(world_size)
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
@@ -97,7 +113,22 @@ class RunConfig:
             resolve_corpus_path(self.data)
             if cfg.vocab_size < 256:
                 raise ValueError(f"byte-level data needs a vocabulary of at least 256, got {cfg.vocab_size}")
+        if self.checkpoint_every < 1:
+            raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("--resume needs --checkpoint-dir")
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"unknown --nonfinite {self.nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}")
+        if self.collective_timeout <= 0:
+            raise ValueError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout:g}")
         return cfg
+
+    def settings(self) -> dict:
+        """The settings that decide a run's numbers (what every rank must agree on; paths of outputs excluded)."""
+        return {"spec": asdict(self.spec), "steps": self.steps, "optimizer": self.optimizer, "lr": self.learning_rate,
+                "dtype": self.dtype, "data": self.data, "seed": self.seed, "mode": self.mode,
+                "plan_variant": self.plan_variant if self.plan else None, "nonfinite": self.nonfinite,
+                "checkpoint_every": self.checkpoint_every if self.checkpoint_dir else None, "resume": self.resume}
 
     @property
     def learning_rate(self) -> float:
@@ -120,3 +151,28 @@ class RunConfig:
             network=self.network if self.network not in (None, "nvlink") else "native",
             torch_version=torch.__version__.split("+")[0],
         )
+
+
+def plan_digest(path: str | None) -> str | None:
+    """sha256 of a plan file's bytes (None without a plan)."""
+    if path is None:
+        return None
+    import hashlib
+    from pathlib import Path
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def checkpoint_identity(run: RunConfig, world_size: int) -> dict:
+    """What a checkpoint records of its run, and what resuming requires to be equal (JSON values)."""
+    return {
+        "spec": asdict(run.spec),
+        "world_size": world_size,
+        "dtype": run.dtype,
+        "optimizer": run.optimizer,
+        "lr": run.learning_rate,
+        "seed": run.seed,
+        "data": run.data,
+        "plan": plan_digest(run.plan),
+        "plan_variant": run.plan_variant if run.plan else None,
+    }

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 
 from rich.console import Console
-from tqdm import tqdm
 
 from lancet.plan.artifact import write_artifact
 from lancet.capture.trace import capture_step
@@ -20,6 +19,7 @@ from lancet.cost.comm import (
     sweep,
 )
 from lancet.cost.profile import profile_graph
+from lancet.app.report import StepProgress, console_for
 from lancet.runtime.dist import rank_runtime
 
 
@@ -29,7 +29,7 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_
     from lancet.plan.plan import tutel_graph
     from lancet.app.train import build_session
 
-    with rank_runtime(run.network) as runtime:
+    with rank_runtime(run.network, run.collective_timeout) as runtime:
         session = build_session(run, runtime)
         tokens, targets = session.batch(0)
         if tutel_parts == 1:
@@ -37,11 +37,9 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_
         else:
             train_graph = tutel_graph(session.train_step, tokens, targets, tutel_parts)
         batches = [[*session.params, *session.batch(step)] for step in range(passes)]
-        bar = tqdm(total=passes, desc="profile passes", disable=not runtime.is_main)
-        profile = profile_graph(
-            train_graph.gm, batches, runtime.device, runtime.group, reps=reps, progress=lambda i: bar.update(1)
-        )
-        bar.close()
+        with StepProgress(console_for(runtime.is_main), "profile passes", passes) as bar:
+            profile = profile_graph(train_graph.gm, batches, runtime.device, runtime.group, reps=reps,
+                                    progress=lambda i: bar.advance(f"profile pass {i}/{passes} done"))
         profile.optimizer_ms = optimizer_ms(session, reps)
         payload = {"spec": asdict(run.spec), "profile": profile.to_json(), "tutel_parts": tutel_parts}
         if runtime.is_main:
@@ -78,10 +76,9 @@ def optimizer_ms(session, reps: int) -> float:
 
 def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: int) -> dict:
     """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
-    with rank_runtime(run.network) as runtime:
-        bar = tqdm(total=len(sizes) * len(KINDS), desc="comm sweep", disable=not runtime.is_main)
-        curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.update(1))
-        bar.close()
+    with rank_runtime(run.network, run.collective_timeout) as runtime:
+        with StepProgress(console_for(runtime.is_main), "comm sweep", len(sizes) * len(KINDS)) as bar:
+            curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.advance())
         compute_slowdown, comm_slowdown = measure_contention(runtime.group, runtime.device)
         comm = CommProfile(
             curves=curves,

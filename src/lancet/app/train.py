@@ -1,7 +1,13 @@
-"""The training loop run on every rank: build, step, apply gradients, report.
+"""The training loop run on every rank: build, agree, resume, step, check, apply, checkpoint, report.
 
-Rank 0 prints per-step loss and tokens/s with a progress display and, when
-asked, writes one JSON object per step to a metrics file.
+Before the first step every rank checks that its run settings, plan and step
+graph equal rank 0's (``lancet.app.agreement``). After every step one small
+all-reduce gives the mean loss and the ranks' agreement on non-finite values
+and stop requests (``lancet.app.guard``); the update is applied only then.
+Checkpoints (``lancet.app.checkpoint``) are written every ``checkpoint_every``
+steps, after the last step and when a stop was requested (Ctrl-C). Rank 0
+prints a header, per-step loss and tokens/s, and a summary and, when asked,
+writes one JSON object per step to a metrics file (appended to on resume).
 """
 
 from __future__ import annotations
@@ -10,18 +16,21 @@ import json
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from lancet.plan.artifact import RunIdentity
-from lancet.app.config import RunConfig
+from lancet.app.agreement import RankFacts, check_agreement, digest
+from lancet.app.checkpoint import Checkpointer, latest_checkpoint
+from lancet.app.config import RunConfig, checkpoint_identity
 from lancet.app.data import make_batch_source
-from lancet.runtime.dist import Runtime, rank_runtime
-from lancet.app.faults import maybe_inject_fault
+from lancet.app.faults import maybe_inject_fault, maybe_poison_gradients
 from lancet.app.gc_policy import ScheduledCollection
+from lancet.app.guard import StepGuard
+from lancet.app.report import StepProgress, console_for, header_line, stage, step_line, summary_line
+from lancet.app.stop import StopRequest, StoppedOnRequest
+from lancet.runtime.dist import Runtime, rank_runtime
 from lancet.models import GPT2MoEConfig, build_model
 from lancet.step.train_step import StepResult, TrainStep
 
@@ -77,70 +86,133 @@ def make_runner(run: RunConfig, session: Session):
     return captured_runner(session, plan_path=run.plan, variant=run.plan_variant)
 
 
-def global_mean(value: torch.Tensor, group: dist.ProcessGroup) -> float:
-    value = value.detach().clone()
-    dist.all_reduce(value, group=group)
-    return value.item() / dist.get_world_size(group)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]train"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
 def train_worker(run: RunConfig) -> list[dict]:
     """Entry point of one rank; returns the per-step records (on every rank)."""
-    with rank_runtime(run.network) as runtime:
+    with rank_runtime(run.network, run.collective_timeout) as runtime:
         return _train(run, runtime)
 
 
 def _train(run: RunConfig, runtime: Runtime) -> list[dict]:
-    session = build_session(run, runtime)
-    runner = make_runner(run, session)
-    cfg = session.model_cfg
-    tokens_per_step = cfg.tokens_per_rank * runtime.world_size
-    console = Console(stderr=False, quiet=not runtime.is_main)
+    console = console_for(runtime.is_main)
+    begin = time.perf_counter()
+    with stage(console, "building the model and reading the data"):
+        session = build_session(run, runtime)
+    console.print(header_line(run, session), markup=False)
+    if run.mode == "eager":
+        runner = make_runner(run, session)
+    else:
+        with stage(console, "capturing the step graph"):
+            runner = make_runner(run, session)
+    check_agreement(rank_facts(run, runner), runtime.group, runtime.device)
+    checkpointer = make_checkpointer(run, session)
+    first = resume(run, checkpointer, console)
+    records, stopped = _loop(run, session, runner, checkpointer, first, console)
+    console.print(summary_line(records, time.perf_counter() - begin, first), markup=False)
+    if stopped is not None:
+        raise StoppedOnRequest(stopped)
+    return records
+
+
+def _loop(run: RunConfig, session: Session, runner, checkpointer, first: int, console) -> tuple[list[dict], str | None]:
+    """Steps ``first`` .. ``run.steps - 1``; checkpoints every ``run.checkpoint_every`` steps, at the end and on stop.
+
+    Returns the records and, when the ranks stopped on request, what to tell the user.
+    """
+    runtime = session.runtime
+    guard = StepGuard(session.train_step.param_names, run.nonfinite, runtime.group, runtime.device)
     records: list[dict] = []
+    stopped = None
     with ExitStack() as stack:
-        metrics = open(run.metrics_jsonl, "w") if (run.metrics_jsonl and runtime.is_main) else None
+        metrics = _open_metrics(run, runtime, append=first > 0)
         if metrics is not None:
             stack.enter_context(metrics)
         collection = stack.enter_context(ScheduledCollection(run.gc_every))
-        progress = stack.enter_context(_progress(console))
-        task = progress.add_task("train", total=run.steps, status="")
-        for step in range(run.steps):
-            maybe_inject_fault(runtime.rank, step)
-            tokens, targets = session.batch(step)
-            runtime.synchronize()
-            start = time.perf_counter()
-            result = runner(session.params, tokens, targets)
-            session.apply(result)
-            runtime.synchronize()
-            seconds = time.perf_counter() - start
-            record = {
-                "step": step,
-                "loss": global_mean(result.loss, runtime.group),
-                "step_ms": seconds * 1e3,
-                "tokens_per_s": tokens_per_step / seconds,
-                "dropped_fraction": _dropped_fraction(result),
-            }
-            if runtime.device.type == "cuda":
-                record["peak_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+        stop = stack.enter_context(StopRequest())
+        progress = stack.enter_context(StepProgress(console, "train", run.steps, first))
+        for step in range(first, run.steps):
+            record, verdict = _one_step(run, session, runner, guard, step, stop)
             records.append(record)
             if metrics is not None:
                 metrics.write(json.dumps(record) + "\n")
                 metrics.flush()
-            status = f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s"
-            progress.console.print(f"step {step:>5}  {status}  {record['step_ms']:.1f} ms")
-            progress.update(task, advance=1, status=status)
+            progress.advance(step_line(record))
+            done = step + 1
+            path = None
+            if checkpointer is not None and (verdict.stop or done % run.checkpoint_every == 0 or done == run.steps):
+                path = checkpointer.save(done)
+                console.print(f"checkpoint -> {path}", markup=False)
+            if verdict.stop:
+                saved = f"checkpoint {path}" if path else "nothing saved (no --checkpoint-dir)"
+                stopped = f"stopped on request after step {step} on every rank; {saved}"
+                break
             collection.after_step(step)
-    return records
+    return records, stopped
+
+
+def _one_step(run: RunConfig, session: Session, runner, guard: StepGuard, step: int, stop: StopRequest):
+    """Run the step, agree with the other ranks on its outcome, apply (or skip) the update."""
+    runtime = session.runtime
+    maybe_inject_fault(runtime.rank, step)
+    tokens, targets = session.batch(step)
+    runtime.synchronize()
+    start = time.perf_counter()
+    result = runner(session.params, tokens, targets)
+    maybe_poison_gradients(runtime.rank, step, result.grads, session.train_step.param_names)
+    verdict = guard.check(step, result.loss, result.grads, stop.requested)  # a Ctrl-C during the step counts
+    if not verdict.skip:
+        session.apply(result)
+    runtime.synchronize()
+    seconds = time.perf_counter() - start
+    tokens_per_step = session.model_cfg.tokens_per_rank * runtime.world_size
+    record = {
+        "step": step,
+        "loss": verdict.loss,
+        "step_ms": seconds * 1e3,
+        "tokens_per_s": tokens_per_step / seconds,
+        "dropped_fraction": _dropped_fraction(result),
+    }
+    if verdict.skip:
+        record["skipped"] = verdict.nonfinite
+    if runtime.device.type == "cuda":
+        record["peak_mem_gib"] = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+    return record, verdict
+
+
+def _open_metrics(run: RunConfig, runtime: Runtime, append: bool):
+    """Rank 0's metrics file (appended to when resuming), or None."""
+    if not (run.metrics_jsonl and runtime.is_main):
+        return None
+    return open(run.metrics_jsonl, "a" if append else "w")
+
+
+def rank_facts(run: RunConfig, runner) -> RankFacts:
+    """This rank's run settings, plan bytes and step graph, as digests (see ``lancet.app.agreement``)."""
+    from lancet.cost.profile import graph_fingerprint
+
+    plan = digest(Path(run.plan).read_bytes() + run.plan_variant.encode()) if run.plan else digest(None)
+    train_graph = getattr(runner, "train_graph", None)
+    graph = digest(graph_fingerprint(train_graph.graph) if train_graph is not None else run.mode)
+    return RankFacts(settings=digest(run.settings()), plan=plan, graph=graph)
+
+
+def make_checkpointer(run: RunConfig, session: Session) -> Checkpointer | None:
+    if run.checkpoint_dir is None:
+        return None
+    return Checkpointer(Path(run.checkpoint_dir), session.train_step.model, session.optimizer, session.runtime.group,
+                        session.runtime.device, checkpoint_identity(run, session.runtime.world_size))
+
+
+def resume(run: RunConfig, checkpointer: Checkpointer | None, console) -> int:
+    """The first step to run: 0, or the step of the latest complete checkpoint when resuming."""
+    if not run.resume:
+        return 0
+    latest = latest_checkpoint(run.checkpoint_dir)
+    if latest is None:
+        console.print(f"no complete checkpoint in {run.checkpoint_dir}: starting at step 0", markup=False)
+        return 0
+    step = checkpointer.load(latest[1])
+    console.print(f"resumed from {latest[1]} (step {step})", markup=False)
+    return step
 
 
 def _dropped_fraction(result: StepResult) -> float:

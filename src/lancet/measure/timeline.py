@@ -40,9 +40,24 @@ def plot_predicted(trace: dict, path: str | Path, title: str = "predicted") -> N
     plt.close(fig)
 
 
+class TraceError(ValueError):
+    """The file is not a Chrome trace this tool can draw."""
+
+
 def render(trace_path: str, out_path: str, step: int = 0) -> None:
-    trace = load_trace(trace_path)
-    if is_predicted(trace):
-        plot_predicted(trace, out_path)
-    else:
-        plot_timeline(trace, step, out_path)
+    """Draw ``step`` of a measured trace, or a predicted trace, to ``out_path``; TraceError for anything else."""
+    try:
+        trace = load_trace(trace_path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"trace file {trace_path!r} does not exist") from None
+    except (OSError, UnicodeDecodeError, ValueError, EOFError) as err:  # gzip errors are OSError/EOFError
+        raise TraceError(f"{trace_path} is not a readable Chrome trace ({type(err).__name__}: {err})") from None
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise TraceError(f"{trace_path} is not a Chrome trace (no traceEvents list)")
+    try:
+        if is_predicted(trace):
+            plot_predicted(trace, out_path)
+        else:
+            plot_timeline(trace, step, out_path)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise TraceError(f"{trace_path} is not a Chrome trace this tool can draw (missing {err})") from None

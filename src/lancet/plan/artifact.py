@@ -3,20 +3,32 @@
 Every file records what it was made for (model, gate, world size, dtype,
 device, network regime, torch version). Loading one for a run that differs in a
 field that matters for that kind of file is refused, naming each difference.
+
+Every file also carries the sha256 of its content (``checksum``, over the
+document without it, keys sorted): a truncated, corrupted or hand-edited file
+is refused with a message saying so, instead of failing somewhere later or,
+worse, running a schedule nobody planned. Every refusal is an ``ArtifactError``
+(a ValueError) with a one-line first line.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: with a checksum of the content."""
 
 
-class ArtifactMismatch(ValueError):
+class ArtifactError(ValueError):
+    """An artifact cannot be used: unreadable, not lancet's, modified, or made for another run."""
+
+
+class ArtifactMismatch(ArtifactError):
     """An artifact was made for a different run (or is not an artifact of the expected kind)."""
 
 
@@ -61,8 +73,15 @@ MATCH_FIELDS = {
 }
 
 
+def content_checksum(document: dict) -> str:
+    """sha256 of the document without its ``checksum`` field (canonical JSON: sorted keys, no spaces)."""
+    body = {k: v for k, v in document.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_artifact(path: str | Path, kind: str, identity: RunIdentity, payload: dict) -> None:
     document = {"format": "lancet", "version": FORMAT_VERSION, "kind": kind, "identity": identity.to_json(), **payload}
+    document["checksum"] = content_checksum(document)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -76,12 +95,27 @@ def read_artifact(path: str | Path, kind: str, expected: RunIdentity | None = No
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{kind} file {str(path)!r} does not exist")
-    with open(path) as f:
-        document = json.load(f)
-    if document.get("format") != "lancet" or document.get("kind") != kind:
+    if path.is_dir():
+        raise ArtifactError(f"{kind} file {str(path)!r} is a folder")
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{kind} file {str(path)!r} cannot be read: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{kind} file {str(path)!r} is not valid JSON (truncated or corrupted?): {err}") from None
+    if not isinstance(document, dict) or document.get("format") != "lancet":
         raise ArtifactMismatch(f"{path} is not a lancet {kind} file")
+    if document.get("kind") != kind:
+        raise ArtifactMismatch(f"{path} is not a lancet {kind} file (it is a {document.get('kind')} file)")
     if document.get("version") != FORMAT_VERSION:
-        raise ArtifactMismatch(f"{path} has format version {document.get('version')}, this lancet reads {FORMAT_VERSION}")
+        raise ArtifactMismatch(f"{path} has format version {document.get('version')}, this lancet reads "
+                               f"{FORMAT_VERSION}: make it again with this lancet")
+    if document.get("checksum") != content_checksum(document):
+        raise ArtifactError(f"{path} was modified after lancet wrote it (its checksum does not match its content); "
+                            "make it again instead of editing it")
+    if not isinstance(document.get("identity"), dict):
+        raise ArtifactError(f"{path} has no run identity")
     if expected is not None:
         check_identity(document["identity"], expected, kind, str(path))
     return document
@@ -95,7 +129,7 @@ def check_identity(recorded: dict, expected: RunIdentity, kind: str, source: str
         if recorded.get(field) != wanted[field]
     ]
     if differences:
-        raise ArtifactMismatch(f"{kind} {source} was made for a different run:\n  " + "\n  ".join(differences))
+        raise ArtifactMismatch(f"{kind} {source} was made for a different run: " + "; ".join(differences))
 
 
 def identity_from_json(data: dict) -> RunIdentity:

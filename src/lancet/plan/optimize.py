@@ -75,7 +75,7 @@ def _load(profile_path: str, comm_path: str):
         if getattr(comm_identity, f) != getattr(profile_identity, f)
     ]
     if differences:
-        raise ArtifactMismatch(f"{comm_path} was measured for a different run:\n  " + "\n  ".join(differences))
+        raise ArtifactMismatch(f"{comm_path} was measured for a different run: " + "; ".join(differences))
     return profile_doc, profile_identity, comm_identity, CommProfile.from_json(comm_doc["comm"])
 
 
@@ -179,7 +179,7 @@ def _partition_variants(
     if not partition:
         plan.variants["lancet-part"], plan.variants["lancet"] = unpartitioned, fallback
         return
-    bar = tqdm(desc="range search", disable=not progress, unit="candidate")
+    bar = tqdm(desc="range search", disable=None if progress else True, unit="candidate")  # None: off unless a terminal
     selection = select_partitions(forward, derived.costs, tokens.shape[0], max_parts=max_partitions,
                                   progress=lambda: bar.update(1))
     bar.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lancet.plan.artifact import RunIdentity, identity_from_json, read_artifact, write_artifact
+from lancet.plan.artifact import ArtifactError, RunIdentity, identity_from_json, read_artifact, write_artifact
 from lancet.capture.trace import ForwardGraph, TrainGraph, capture_forward, capture_step, capture_step_from_forward
 from lancet.cost.model import NodeCosts
 from lancet.cost.profile import graph_fingerprint
@@ -204,7 +204,12 @@ def build_step_graph(
 
 
 def load_plan(path: str, expected: RunIdentity | None = None) -> Plan:
-    return Plan.from_document(read_artifact(path, "plan", expected))
+    """Read and check a plan file (``ArtifactError`` when unusable, ``ArtifactMismatch`` for another run)."""
+    document = read_artifact(path, "plan", expected)
+    try:
+        return Plan.from_document(document)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ArtifactError(f"plan {path} is malformed ({type(err).__name__}: {err}); make it again") from None
 
 
 def plan_runner_graph(session, path: str, variant: str = "lancet") -> TrainGraph:

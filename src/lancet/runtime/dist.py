@@ -7,15 +7,28 @@ Commands run under ``torchrun`` (RANK/WORLD_SIZE in the environment) or launch
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from lancet.runtime.failures import (
+    FAILURE_DIR_ENV,
+    INTERRUPTED,
+    describe_failure,
+    read_failures,
+    record_failure,
+)
 
 NETWORK_ENV: dict[str, dict[str, str]] = {
     "nvlink": {},
@@ -32,6 +45,14 @@ NETWORK_ENV: dict[str, dict[str, str]] = {
 
 SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 """NVLink multicast stays off: lancet never needs it."""
+
+DEFAULT_COLLECTIVE_TIMEOUT_S = 300
+"""How long a rank waits in one collective before giving up (gloo raises; NCCL's watchdog aborts).
+
+Under lancet's launcher (and torchrun) a rank that dies is noticed within a second by the agent,
+which stops the others; this timeout is the bound when the agent cannot tell, e.g. a rank that
+hangs, or a rank of another node. It must exceed the longest legitimate wait between ranks
+(the slowest rank's capture or checkpoint write before the next collective)."""
 
 
 def apply_network_env(network: str) -> None:
@@ -76,8 +97,11 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
 
-def init_runtime() -> Runtime:
-    """Initialise the default process group: NCCL with one GPU per rank, else gloo on CPU."""
+def init_runtime(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> Runtime:
+    """Initialise the default process group: NCCL with one GPU per rank, else gloo on CPU.
+
+    Every collective of the group gives up after ``timeout_s`` seconds of waiting for a peer.
+    """
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -88,7 +112,7 @@ def init_runtime() -> Runtime:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
-        kwargs: dict[str, Any] = {"backend": "nccl" if use_cuda else "gloo"}
+        kwargs: dict[str, Any] = {"backend": "nccl" if use_cuda else "gloo", "timeout": timedelta(seconds=timeout_s)}
         if use_cuda:
             kwargs["device_id"] = device
         dist.init_process_group(**kwargs)
@@ -122,18 +146,20 @@ def abort_runtime() -> None:
 
 
 @contextlib.contextmanager
-def rank_runtime(network: str | None) -> Iterator[Runtime]:
+def rank_runtime(network: str | None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> Iterator[Runtime]:
     """The body of every rank job: network regime set before NCCL starts, group up, torn down at the end.
 
     A rank that leaves on an exception does not wait for the others (a barrier there would hang the
-    job while another rank waits inside a collective): it aborts its group and re-raises.
+    job while another rank waits inside a collective): it records its failure for the launcher
+    (before the others can see it and fail in turn), aborts its group and re-raises.
     """
     if network is not None:
         apply_network_env(network)
-    runtime = init_runtime()
+    runtime = init_runtime(timeout_s)
     try:
         yield runtime
-    except BaseException:
+    except BaseException as err:
+        record_failure(err, runtime.rank)
         abort_runtime()
         raise
     shutdown_runtime()
@@ -142,31 +168,71 @@ def rank_runtime(network: str | None) -> Iterator[Runtime]:
 class RankFailed(RuntimeError):
     """A rank of a launched job failed; the message names the first rank that did and its error."""
 
+    def __init__(self, message: str, traceback_path: str | None = None) -> None:
+        super().__init__(message)
+        self.traceback_path = traceback_path
+        """A file holding the failed rank's traceback, when it left one."""
 
-@record
+
+class Interrupted(RuntimeError):
+    """The job was stopped by a signal (Ctrl-C); every rank has exited."""
+
+
 def _rank_main(entrypoint: Callable[..., Any], *args: Any) -> Any:
-    """Every launched rank runs this: its error is recorded for the launcher to report."""
-    return entrypoint(*args)
+    """Every launched rank runs this: a failure is recorded for the launcher, not printed.
+
+    The rank exits with status 1 (130 when interrupted) at once, without a traceback on the terminal:
+    the launcher prints the first failure in one line, and the traceback stays in the record.
+    """
+    try:
+        return entrypoint(*args)
+    except BaseException as err:
+        if isinstance(err, SystemExit) and not err.code:
+            raise
+        record_failure(err, int(os.environ.get("RANK", 0)))
+        _flush_quietly()
+        # Leave at once: the interpreter's orderly shutdown (joining torch's threads) takes seconds, during which
+        # the other ranks wait in a collective for this one.
+        os._exit(130 if isinstance(err, KeyboardInterrupt) else 1)
 
 
-def _first_failure(err: ChildFailedError) -> str:
-    rank, failure = min(err.failures.items(), key=lambda item: (item[1].timestamp, item[0]))
-    message = failure.message
-    if isinstance(message, dict):
-        message = message.get("message", "")
-    if not message or message.startswith("To enable traceback"):
-        message = f"exit code {failure.exitcode}"
-    return f"rank {rank} failed: {str(message).strip().splitlines()[-1] if message else ''}"
+def _flush_quietly() -> None:
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _interrupted(folder: str) -> Interrupted:
+    """What the ranks said when they stopped on Ctrl-C (rank 0's words), as one exception."""
+    said = sorted((r.rank, r.line) for r in read_failures(folder) if r.kind == INTERRUPTED)
+    return Interrupted(said[0][1] if said else "interrupted; every rank has stopped")
+
+
+def _failure(err: ChildFailedError, folder: str) -> RankFailed | Interrupted:
+    records = read_failures(folder)
+    exitcodes = {rank: failure.exitcode for rank, failure in err.failures.items()}
+    if records and all(r.kind == INTERRUPTED for r in records):
+        return _interrupted(folder)
+    line = describe_failure(records, exitcodes)
+    rank = next((r for r in records if line == f"rank {r.rank} failed: {r.line}"), None)
+    return RankFailed(line, str(Path(folder) / f"rank{rank.rank}.json") if rank is not None else None)
 
 
 def launch(entrypoint: Callable[..., Any], args: tuple, nproc: int | None) -> Any:
     """Run ``entrypoint(*args)`` on every rank: in place under torchrun, else on ``nproc`` local ranks.
 
-    Returns rank 0's return value. When a rank fails, the launcher stops every other rank and
-    raises ``RankFailed`` naming the first rank that failed and its error.
+    Returns rank 0's return value. When a rank fails, the launcher stops every other rank (SIGTERM,
+    then SIGKILL after 30 s) and raises ``RankFailed`` naming the first rank that failed and its
+    error. On Ctrl-C (SIGINT, SIGTERM) it passes the signal to the ranks, waits for them (up to
+    30 s, then SIGKILL) and raises ``Interrupted``. No rank outlives the call.
     """
     if under_torchrun():
         return entrypoint(*args)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     nproc = nproc if nproc is not None else default_nproc()
@@ -183,8 +249,49 @@ def launch(entrypoint: Callable[..., Any], args: tuple, nproc: int | None) -> An
         monitor_interval=0.1,
         start_method="spawn",
     )
-    try:
-        results = elastic_launch(config, _rank_main)(entrypoint, *args)
-    except ChildFailedError as err:
-        raise RankFailed(_first_failure(err)) from None
+    folder = tempfile.mkdtemp(prefix=f"{config.run_id}-")
+    keep = False
+    with _quiet_elastic_logs(), _environment(FAILURE_DIR_ENV, folder):
+        try:
+            results = elastic_launch(config, _rank_main)(entrypoint, *args)
+        except ChildFailedError as err:
+            failure = _failure(err, folder)
+            keep = isinstance(failure, RankFailed) and failure.traceback_path is not None
+            raise failure from None
+        except (SignalException, KeyboardInterrupt):
+            raise _interrupted(folder) from None
+        finally:
+            if not keep:
+                shutil.rmtree(folder, ignore_errors=True)
     return results[0]
+
+
+@contextlib.contextmanager
+def _environment(key: str, value: str) -> Iterator[None]:
+    """``key=value`` in the environment the ranks inherit, for the duration of the launch."""
+    previous = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = previous
+
+
+@contextlib.contextmanager
+def _quiet_elastic_logs() -> Iterator[None]:
+    """The elastic agent (and the process spawner under it) log every failure and shutdown; lancet reports the
+    first failure itself. Their loggers set levels of their own, so each is quieted, not just the parents."""
+    prefixes = ("torch.distributed.elastic", "torch.distributed.launcher", "torch.multiprocessing")
+    names = [name for name in list(logging.root.manager.loggerDict) if name.startswith(prefixes)]
+    loggers = [logging.getLogger(name) for name in (*prefixes, *names)]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
