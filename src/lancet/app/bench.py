@@ -125,14 +125,18 @@ class VariantResult:
         return asdict(self)
 
 
-def _runner(variant: str, session, plan, opts: BenchOptions):
-    """The runner of ``variant`` (``lancet.app.variant_runners``); captured ones default to ``opts.executor``."""
+def _runner(variant: str, session, plan, opts: BenchOptions, functions: dict):
+    """The runner of ``variant`` (``lancet.app.variant_runners``); captured ones default to ``opts.executor``.
+
+    ``functions``: the compiled regions of this bench, shared between its variants.
+    """
     from lancet.app.variant_runners import build_runner
 
     base, executor = split_variant(variant)
     if base not in EAGER_VARIANTS and executor is None:
         executor = opts.executor
-    runner = build_runner(base, executor, session, plan, parts_prefix=TUTEL_PREFIX, plan_variants=PLAN_VARIANTS)
+    runner = build_runner(base, executor, session, plan, parts_prefix=TUTEL_PREFIX, plan_variants=PLAN_VARIANTS,
+                          functions=functions)
     if runner.note and session.runtime.is_main:
         print(f"{variant}: {runner.note}", flush=True)
     return runner
@@ -256,14 +260,15 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]
-        console = Console(width=160)
+        console = Console(width=220)
         states: dict[str, _VariantState] = {}
+        functions: dict = {}
         for round_index in range(opts.rounds):
             last = round_index == opts.rounds - 1
             for i, variant in enumerate(opts.variants, 1):
                 begin = time.perf_counter()
                 if variant not in states:
-                    runner = _runner(variant, session, plan, opts)
+                    runner = _runner(variant, session, plan, opts, functions)
                     states[variant] = _VariantState(runner.step, runner.forward_a2a, runner.executor,
                                                     runner.compile_report)
                 _measure_round(states[variant], variant, run, session, opts, initial, profile=last)
@@ -332,7 +337,7 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
                   "communication kernel time) (profiled steps, rank 0); host issue = host time to issue a step; "
                   "fwd/bwd idle = GPU time with no kernel running inside the phase")
     for r in rows:
-        if r.get("compile"):
+        if r.get("compile") and r["compile"]["compiled_regions"]:
             report = r["compile"]
             console.print(f"compile {r['variant']}: {report['compiled_regions']} of {report['regions']} regions "
                           f"({report['compiles']} distinct) in {report['seconds']:.1f} s, Inductor cache "

@@ -240,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--tutel", type=int, default=1, metavar="N",
                          help="profile the tutel-dN step (MoE dispatch stages in N parts) instead of the captured one; "
                               "for checking the cost estimate of partitioned steps (optimize takes only N=1)")
+    add_executor_arg(profile, "the profiled step")
     profile.set_defaults(func=cmd_profile)
 
     comm = sub.add_parser("profile-comm", help="measure all-to-all / all-reduce cost curves and contention")

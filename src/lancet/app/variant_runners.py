@@ -55,8 +55,11 @@ def _captured_graph(base: str, session, plan, parts_prefix: str, plan_variants: 
 
 
 def build_runner(base: str, executor: str | None, session, plan, *, parts_prefix: str,
-                 plan_variants: tuple[str, ...]) -> VariantRunner:
-    """The runner of graph variant ``base`` under ``executor`` (None: the default for its graph and device)."""
+                 plan_variants: tuple[str, ...], functions: dict | None = None) -> VariantRunner:
+    """The runner of graph variant ``base`` under ``executor`` (None: the default for its graph and device).
+
+    ``functions``: compiled regions shared between the variants of one bench (see ``make_executor``).
+    """
     moe_layers = sum(1 for i in range(session.model_cfg.num_layers) if session.model_cfg.is_moe_block(i))
     if base == "eager":
         return VariantRunner(session.train_step, 3 * moe_layers, None)  # counts, dispatch, combine per layer
@@ -68,5 +71,6 @@ def build_runner(base: str, executor: str | None, session, plan, *, parts_prefix
     train_graph = _captured_graph(base, session, plan, parts_prefix, plan_variants)
     forward_a2a = len(analyze(train_graph).collectives_of("all_to_all", "forward"))
     label = base if executor is None else f"{base}:{executor}"
-    runner = make_executor(train_graph, executor, progress=compile_progress(session.runtime.is_main, label))
+    runner = make_executor(train_graph, executor, progress=compile_progress(session.runtime.is_main, label),
+                           functions=functions)
     return VariantRunner(runner, forward_a2a, runner.kind, runner.note)

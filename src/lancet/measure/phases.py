@@ -7,8 +7,8 @@ launched it (the runtime call and the kernel share a correlation id; for a
 CUDA-graph replay, the graph launch); a phase's GPU window runs from its first
 kernel's start to its last kernel's end, and its idle time is the part of that
 window in which no kernel (compute or communication) runs: the device waiting
-for the host. The step's idle time is the same over the step window
-(``lancet.measure.trace_metrics``).
+for the host. The step's idle time is the same over all kernels of the step
+(steps as ``lancet.measure.trace_metrics`` finds them).
 
 GPU traces only: on a CPU the host does the work, and idle time means nothing.
 Steps whose phases carry no marks (a step under ``torch.compile``, whose tracer
@@ -70,7 +70,6 @@ def phase_metrics(trace: dict) -> dict[str, float]:
             out[f"{phase}_idle_ms"] = statistics.median(i for _, i in windows) / _US_PER_MS
     steps = [step for step in _steps(trace) if step.spans]
     if steps:
-        idle = [step.window[1] - step.window[0] - total_length(merge_intervals([(s, e) for _, s, e in step.spans]))
-                for step in steps]
+        idle = [_idle_us([(s, e) for _, s, e in step.spans])[1] for step in steps]
         out["step_idle_ms"] = statistics.median(idle) / _US_PER_MS
     return out

@@ -7,7 +7,8 @@ no shape environment, so Inductor's FX-graph cache refuses it ("No shape env")
 and every process would compile from scratch.
 
 Regions with the same structure and the same input shapes (the same block of
-different layers) share one compiled function: the first compile serves them
+different layers; the same region in two plans of one step, given one
+``functions`` store) share one compiled function: the first compile serves them
 all in this process. Across processes, Inductor's on-disk caches (FX-graph and
 AOTAutograd caches, under ``TORCHINDUCTOR_CACHE_DIR``) make a repeated compile a
 cache hit; the report counts both.
@@ -114,12 +115,14 @@ class RegionCompiler:
     """Compiles region calls on their first call; identical regions share one compiled function."""
 
     def __init__(self, backend: str = "inductor", total: int = 0,
-                 progress: Callable[[CompileEvent], None] | None = None) -> None:
+                 progress: Callable[[CompileEvent], None] | None = None,
+                 functions: dict[str, Callable] | None = None) -> None:
         self.backend = backend
         self.total = total
         self.progress = progress
         self.report = CompileReport()
-        self._compiled: dict[str, Callable] = {}
+        self._compiled = functions if functions is not None else {}
+        """Region key -> compiled function; pass one store to several compilers to share across programs."""
 
     def attach(self, call: RegionCall) -> None:
         """Make ``call`` compile itself on its first call, then run compiled."""

@@ -90,13 +90,14 @@ class StepExecutor:
     """Runs a TrainGraph every step with the chosen executor; the ``TrainStep`` call signature."""
 
     def __init__(self, train_graph: TrainGraph, config: ExecutorConfig | None = None,
-                 progress: Callable[[CompileEvent], None] | None = None) -> None:
+                 progress: Callable[[CompileEvent], None] | None = None,
+                 functions: dict[str, Callable] | None = None) -> None:
         config = config or ExecutorConfig()
         self.train_graph = train_graph
         self.config = config
         self.kind, self.note = resolve_executor(config.kind, train_graph, train_graph.device)
         self.program = build_program(train_graph, fuse=self.kind != "interpret", min_kernels=config.min_kernels)
-        self.compiler = RegionCompiler(config.backend, len(self.program.calls), progress)
+        self.compiler = RegionCompiler(config.backend, len(self.program.calls), progress, functions)
         for call in self.program.calls.values():
             self.compiler.attach(call)
         report = self.compiler.report
@@ -145,6 +146,11 @@ class StepExecutor:
 
 
 def make_executor(train_graph: TrainGraph, kind: str | None = None, *,
-                  progress: Callable[[CompileEvent], None] | None = None, **options) -> StepExecutor:
-    """A StepExecutor of ``kind`` (None: the default for the graph and device); ``options`` go to ExecutorConfig."""
-    return StepExecutor(train_graph, ExecutorConfig(kind=kind, **options), progress)
+                  progress: Callable[[CompileEvent], None] | None = None,
+                  functions: dict[str, Callable] | None = None, **options) -> StepExecutor:
+    """A StepExecutor of ``kind`` (None: the default for the graph and device); ``options`` go to ExecutorConfig.
+
+    ``functions``: a store of compiled regions shared with other executors of this process (regions
+    alike in structure and shapes, e.g. in two plans of one step, then compile once).
+    """
+    return StepExecutor(train_graph, ExecutorConfig(kind=kind, **options), progress, functions)

@@ -36,21 +36,27 @@ from lancet.step.train_step import PHASE_ANNOTATION
 REGION_PREFIX = "region_"
 
 
+REGION_ANNOTATION = "lancet/region/{index}"
+"""``torch.profiler.record_function`` name of each compiled region's call."""
+
+
 class RegionCall(nn.Module):
-    """One compiled region as called from its phase; ``impl`` runs it (the traced module until compiled)."""
+    """One compiled region as called from its phase; ``impl`` runs it (the traced module until compiled).
+
+    Each call is a profiler range (``lancet/region/<index>``): traces show which region launched
+    which kernels, and ``lancet.runtime.record`` reads the order regions ran in.
+    """
 
     def __init__(self, region: Region, module: fx.GraphModule) -> None:
         super().__init__()
         self.region = region
         self.module = module
         self.impl = module.forward
-        self.log: list | None = None
-        """When set, every call appends ``("region", index)`` (``lancet.runtime.record``)."""
+        self.annotation = REGION_ANNOTATION.format(index=region.index)
 
     def forward(self, *args):
-        if self.log is not None:
-            self.log.append(("region", self.region.index))
-        return self.impl(*args)
+        with torch.profiler.record_function(self.annotation):
+            return self.impl(*args)
 
 
 class PhaseCall(nn.Module):
@@ -145,11 +151,11 @@ def build_program(train_graph: TrainGraph, *, fuse: bool = True, min_kernels: in
     first = _first_backward(train_graph.graph)
     calls = _fuse_regions(gm, regions, env) if fuse else {}
     cut_node = None
-    if first is not None:
-        cut_node = env[first]
+    if first is not None:  # fusing re-creates the graph's nodes: find the cut by name, or as its region's call
         region = next((r for r in regions if first in r.nodes), None)
-        if region is not None and region.index in calls:
-            cut_node = next(n for n in gm.graph.nodes if n.op == "call_module" and getattr(gm, n.target) is calls[region.index])
+        call = calls.get(region.index) if region is not None else None
+        cut_node = next(n for n in gm.graph.nodes if n.name == first.name or (
+            call is not None and n.op == "call_module" and getattr(gm, n.target) is call))
     top, phases = _phase_split(gm, cut_node)
     return StepProgram(top=top, regions=regions, calls=calls, phases=phases)
 

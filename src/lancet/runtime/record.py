@@ -1,14 +1,16 @@
 """What a step program actually executed, in order: its collectives, waits, host copies and compiled regions.
 
-``record_execution`` watches one run: a ``TorchDispatchMode`` sees every
-collective start, wait, host copy and host wait as the device is asked to run it,
-and every compiled region logs its own call. ``expected_execution`` is the same
-sequence read off the graph the program was built from (node order is the
-schedule), so comparing the two shows that compiling kept the plan's order: the
-collectives start in the same order and each one's window holds the same
-regions.
+``record_execution`` runs a block under ``torch.profiler`` (CPU activity) and
+reads off the order in which the host issued every collective start, wait, host
+copy and host wait (the profiler's op events) and every compiled region (the
+``lancet/region/<index>`` range its call opens). ``expected_execution`` is the
+same sequence read off the graph the program was built from (node order is the
+schedule). Equal sequences show that compiling kept the plan: the collectives
+start in the same order and each one's window holds the same regions.
 
-For the compiled executor only: a CUDA-graph replay issues nothing from Python.
+The profiler rather than a ``TorchDispatchMode``: ``torch.compile`` refuses to run
+compiled code under a dispatch mode, so a mode would change what it watches.
+For the compiled executor: a CUDA-graph replay issues nothing from the host.
 """
 
 from __future__ import annotations
@@ -16,46 +18,50 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 from torch import fx
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from lancet.graph.regions import TO_HOST_OPS, Region
 from lancet.graph.roles import COLLECTIVE_KINDS, HOST_WAIT_OPS, WAIT_OPS
-from lancet.runtime.program import StepProgram
+from lancet.runtime.program import REGION_ANNOTATION
 
 RECORDED_OPS = {str(op) for op in (*COLLECTIVE_KINDS, *WAIT_OPS)} | HOST_WAIT_OPS | TO_HOST_OPS
-"""Ops whose place the plan fixes (collective starts and waits, host copies and waits)."""
+"""Ops whose place the plan fixes (collective starts and waits, host copies and waits), as ``ns.name.overload``."""
 
 Event = tuple[str, object]
-"""``("op", name)`` for a recorded op, ``("region", index)`` for a compiled region."""
+"""``("op", "ns::name")`` for a recorded op, ``("region", index)`` for a compiled region's call."""
 
 
-class _BoundaryLog(TorchDispatchMode):
-    """Appends every recorded op to ``log`` as it is dispatched."""
+def _profiler_name(op_name: str) -> str:
+    """``ns.name.overload`` (how fx prints an op) -> ``ns::name`` (how the profiler names its event)."""
+    namespace, name = op_name.split(".")[:2]
+    return f"{namespace}::{name}"
 
-    def __init__(self, log: list[Event]) -> None:
-        super().__init__()
-        self.log = log
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = str(func)
-        if name in RECORDED_OPS:
-            self.log.append(("op", name))
-        return func(*args, **(kwargs or {}))
+_RECORDED = {_profiler_name(name) for name in RECORDED_OPS}
+_REGION_PREFIX = REGION_ANNOTATION.format(index="")
+
+
+def _events(prof: torch.profiler.profile) -> list[Event]:
+    found = []
+    for event in prof.events():
+        if event.name in _RECORDED:
+            found.append((event.time_range.start, ("op", event.name)))
+        elif event.name.startswith(_REGION_PREFIX):
+            found.append((event.time_range.start, ("region", int(event.name[len(_REGION_PREFIX):]))))
+    return [item for _, item in sorted(found, key=lambda pair: pair[0])]
 
 
 @contextlib.contextmanager
-def record_execution(program: StepProgram) -> Iterator[list[Event]]:
-    """Record the boundary ops and compiled regions that run inside the block, in order."""
+def record_execution() -> Iterator[list[Event]]:
+    """Record, in issue order, the boundary ops and compiled regions that run inside the block.
+
+    The list is filled when the block ends.
+    """
     log: list[Event] = []
-    for call in program.calls.values():
-        call.log = log
-    try:
-        with _BoundaryLog(log):
-            yield log
-    finally:
-        for call in program.calls.values():
-            call.log = None
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        yield log
+    log.extend(_events(prof))
 
 
 def expected_execution(graph: fx.Graph, regions: list[Region], compiled: set[int]) -> list[Event]:
@@ -66,5 +72,5 @@ def expected_execution(graph: fx.Graph, regions: list[Region], compiled: set[int
         if node in first_node:
             events.append(("region", first_node[node]))
         elif node.op == "call_function" and str(node.target) in RECORDED_OPS:
-            events.append(("op", str(node.target)))
+            events.append(("op", _profiler_name(str(node.target))))
     return events
