@@ -17,9 +17,10 @@ needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks th
 def test_variant_names_with_executors():
     assert split_variant("captured:compiled") == ("captured", "compiled")
     assert split_variant("tutel-d2") == ("tutel-d2", None)
-    for name in ("eager", "eager-compiled", "captured:interpret", "tutel-d4:cudagraph", "lancet-dw:compiled"):
+    for name in ("eager", "eager-compiled", "captured:interpret", "tutel-d4:cudagraph", "lancet-dw:compiled",
+                 "part-d2:compiled"):
         assert is_known_variant(name)
-    for name in ("eager:compiled", "captured:fast", "captured:", "tutel-d0:compiled"):
+    for name in ("eager:compiled", "captured:fast", "captured:", "tutel-d0:compiled", "part-d1"):
         assert not is_known_variant(name)
     with pytest.raises(ValueError, match="need --plan"):
         BenchOptions(variants=["lancet:compiled"]).validate()

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from lancet.app.data import BatchSource
+from lancet.app.variant_runners import block_partition_graph
 from lancet.capture.trace import capture_step
 from lancet.cost.model import ToyCostModel
 from lancet.graph.roles import Role, node_role, wait_of
@@ -19,19 +20,28 @@ from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
 from lancet.passes.dw import dw_pass
 from lancet.plan.optimize import fake_process_group
-from lancet.plan.plan import tutel_graph
 from lancet.runtime.cudagraph import graph_blockers, why_not_graphed
-from lancet.runtime.program import RegionCall, build_program, program_order
+from lancet.runtime.program import build_program, program_order
 from lancet.step.train_step import TrainStep
 from tests.graphs import GraphBuilder, aten
 
 
-def _step(layers: int = 2, gate: str = "switch"):
-    group = dist.group.WORLD
-    cfg = model_config(f"gpt2_moe_nl{layers}_m32_nh2_sl8_b4", vocab_size=97, gate=GateConfig(kind=gate))
-    step = TrainStep(build_model(cfg, group), group, bucket_bytes=8192)
-    source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
-    return step, *source.batch(0, 0)
+@pytest.fixture(scope="module")
+def graphs() -> dict:
+    """Step graphs of a one-layer model (two fake ranks): captured, dW-scheduled, part-d2 (tutel-d2's programs
+    are checked as they run, in ``tests/multirank/test_executor.py``)."""
+    with fake_process_group(2):
+        group = dist.group.WORLD
+        cfg = model_config("gpt2_moe_nl1_m32_nh2_sl8_b4", vocab_size=97, gate=GateConfig(kind="switch"))
+        step = TrainStep(build_model(cfg, group), group, bucket_bytes=8192)
+        source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
+        tokens, targets = source.batch(0, 0)
+        scheduled = capture_step(step, tokens, targets)
+        costs = ToyCostModel(compute_ms=0.01, comm_ms={"all_to_all": 0.5}).costs(scheduled.graph)
+        _, decisions = dw_pass(scheduled, costs)
+        assert decisions.num_moved > 0
+        return {"captured": capture_step(step, tokens, targets), "dw": scheduled,
+                "part-d2": block_partition_graph(step, tokens, targets, 2)}
 
 
 def test_regions_of_a_hand_built_graph_stop_at_collectives_and_phases():
@@ -53,9 +63,8 @@ def test_regions_of_a_hand_built_graph_stop_at_collectives_and_phases():
     assert [r.kind for r in cut_regions(train_graph.graph, min_kernels=3)] == [SMALL, SMALL, SMALL]
 
 
-def test_captured_regions_partition_the_compute_and_never_hold_a_boundary():
-    with fake_process_group(2):
-        graph = capture_step(*_step()).graph
+def test_captured_regions_partition_the_compute_and_never_hold_a_boundary(graphs):
+    for graph in (g.graph for g in graphs.values()):
         regions = cut_regions(graph)
         compute = [n for n in graph.nodes if n.op == "call_function" and not is_boundary(n)]
         assert [n for r in regions for n in r.nodes] == compute  # each once, in graph order
@@ -82,37 +91,28 @@ def _windows(graph) -> dict[str, tuple[str, list[str]]]:
     return windows
 
 
-def test_programs_of_planned_graphs_keep_order_windows_and_phases():
-    with fake_process_group(2):
-        step, tokens, targets = _step()
-        scheduled = capture_step(step, tokens, targets)
-        _, decisions = dw_pass(scheduled, ToyCostModel(compute_ms=0.01, comm_ms={"all_to_all": 0.5}).costs(scheduled.graph))
-        assert decisions.num_moved > 0
-        for train_graph in (capture_step(step, tokens, targets), scheduled, tutel_graph(step, tokens, targets, 2)):
-            program = build_program(train_graph)
-            order = program_order(program)
-            assert order == [n.name for n in train_graph.graph.nodes if n.op == "call_function"]
-            # So every collective starts in the same order and holds the same compute in its window.
-            position = {name: i for i, name in enumerate(order)}
-            for start, (wait, held) in _windows(train_graph.graph).items():
-                assert order[position[start] + 1 : position[wait]] == held
-            assert [p.phase for p in program.phases] == ["forward", "backward"]
-            forward_names = {n.name for n in train_graph.graph.nodes if n.meta.get("custom", {}).get("phase") == "forward"}
-            first_phase = [n for n in order[: len(forward_names)]]
-            assert set(first_phase) == forward_names
-            for call in program.calls.values():
-                assert isinstance(call, RegionCall) and call.region.kind == STATIC
+def test_programs_of_planned_graphs_keep_order_windows_and_phases(graphs):
+    for train_graph in graphs.values():
+        program = build_program(train_graph)
+        order = program_order(program)
+        assert order == [n.name for n in train_graph.graph.nodes if n.op == "call_function"]
+        # So every collective starts in the same order and holds the same compute in its window.
+        position = {name: i for i, name in enumerate(order)}
+        for start, (wait, held) in _windows(train_graph.graph).items():
+            assert order[position[start] + 1 : position[wait]] == held
+        assert [p.phase for p in program.phases] == ["forward", "backward"]
+        forward = {n.name for n in train_graph.graph.nodes if n.meta.get("custom", {}).get("phase") == "forward"}
+        assert set(order[: len(forward)]) == forward  # the forward phase holds the forward nodes
+        assert program.calls and all(call.region.kind == STATIC for call in program.calls.values())
 
 
-def test_why_a_ragged_step_cannot_be_graphed_names_the_host_wait():
-    with fake_process_group(2):
-        graph = capture_step(*_step(layers=1)).graph
-        blockers = graph_blockers(graph)
-        assert blockers and any("host wait host_wait" in b for b in blockers)
-        assert any("copy to the host" in b for b in blockers)
-        assert "CUDA device" in why_not_graphed(graph, torch.device("cpu"))
-        reason = why_not_graphed(graph, torch.device("cuda", 0))
-        assert reason.startswith("the step waits for the host at ") and "host_wait" in reason + "".join(blockers)
+def test_why_a_ragged_step_cannot_be_graphed_names_the_host_wait(graphs):
+    graph = graphs["captured"].graph
+    blockers = graph_blockers(graph)
+    assert any(b.startswith("host wait host_wait") for b in blockers)
+    assert any(b.startswith("copy to the host") for b in blockers)
+    assert "CUDA device" in why_not_graphed(graph, torch.device("cpu"))
+    assert why_not_graphed(graph, torch.device("cuda", 0)).startswith("the step waits for the host at ")
 
 
 def test_hand_built_graph_without_host_reads_can_be_graphed():

@@ -46,7 +46,9 @@ def split_variant(name: str) -> tuple[str, str | None]:
 
 
 def _is_known_base(base: str) -> bool:
-    if base in BASE_VARIANTS or base in PLAN_VARIANTS:
+    from lancet.app.variant_runners import is_part_variant
+
+    if base in BASE_VARIANTS or base in PLAN_VARIANTS or is_part_variant(base):
         return True
     return base.startswith(TUTEL_PREFIX) and base[len(TUTEL_PREFIX):].isdigit() and int(base[len(TUTEL_PREFIX):]) >= 1
 
@@ -79,7 +81,7 @@ class BenchOptions:
 
         unknown = [v for v in self.variants if not is_known_variant(v)]
         if unknown:
-            known = ", ".join((*BASE_VARIANTS, *PLAN_VARIANTS, "tutel-dN"))
+            known = ", ".join((*BASE_VARIANTS, *PLAN_VARIANTS, "tutel-dN", "part-dN"))
             raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {known}, captured ones optionally "
                              f"with an executor ({', '.join(f'captured:{e}' for e in EXECUTORS)})")
         if self.executor is not None and self.executor not in EXECUTORS:

@@ -267,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default="eager,captured",
         help="comma list of eager, eager-compiled (torch.compile of the step function), captured, lancet-dw, "
-             "lancet-part, lancet, tutel-dN (N parts); a captured variant may name its executor: captured:interpret, "
+             "lancet-part, lancet, tutel-dN (MoE dispatch in N parts), part-dN (every MoE block's forward from its "
+             "attention to its end in N parts); a captured variant may name its executor: captured:interpret, "
              "captured:compiled, captured:cudagraph (also tutel-dN:..., lancet:...)",
     )
     add_executor_arg(bench, "captured variants that name no executor")

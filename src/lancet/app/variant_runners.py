@@ -3,10 +3,11 @@
 Variants: ``eager`` (the step function op by op), ``eager-compiled``
 (``torch.compile`` of the step function with default options: graph breaks
 where it reads split sizes on the host and at the backward, as a user would
-first try), and the captured graphs ``captured``, ``tutel-dN``, ``lancet-dw``,
-``lancet-part`` and ``lancet``, each under an executor (``captured:compiled``;
-none named: the bench's ``--executor``, else the fastest the graph and device
-allow).
+first try), and the captured graphs ``captured``, ``tutel-dN``, ``part-dN``,
+``lancet-dw``, ``lancet-part`` and ``lancet``, each under an executor
+(``captured:compiled``; none named: the bench's ``--executor``, else the fastest
+the graph and device allow). ``part-dN`` partitions every MoE block's forward,
+from its attention to its end, into N parts (a fixed partition, no plan needed).
 """
 
 from __future__ import annotations
@@ -20,6 +21,30 @@ from lancet.app.compile_progress import compile_progress
 
 TORCH_COMPILE = "torch.compile"
 """The executor label of ``eager-compiled``."""
+PART_PREFIX = "part-d"
+"""``part-dN``: every MoE block's forward, from its attention to its end, in N parts."""
+
+
+def is_part_variant(base: str) -> bool:
+    suffix = base[len(PART_PREFIX):]
+    return base.startswith(PART_PREFIX) and suffix.isdigit() and int(suffix) >= 2
+
+
+def block_partition_graph(train_step, tokens: torch.Tensor, targets: torch.Tensor, parts: int):
+    """The step with every MoE block's forward, from its first layer norm to its end, in ``parts`` parts."""
+    from lancet.capture.trace import capture_forward
+    from lancet.passes.partition.rewrite import PartitionDecisions, Region, partition_pass
+    from lancet.passes.partition.select import moe_blocks
+    from lancet.plan.plan import capture_partitioned_step
+
+    forward = capture_forward(train_step, tokens, targets)
+    regions = []
+    for block in moe_blocks(forward.graph):
+        names = [n.name for n in forward.graph.nodes
+                 if (n.meta.get("custom", {}).get("module", "") + ".").startswith(block + ".")]
+        regions.append(Region(names[0], names[-1], parts))
+    partitioned = partition_pass(forward, PartitionDecisions(regions), tokens.shape[0])
+    return capture_partitioned_step(train_step, partitioned, tokens, targets)
 
 
 @dataclass(slots=True)
@@ -49,6 +74,8 @@ def _captured_graph(base: str, session, plan, parts_prefix: str, plan_variants: 
         from lancet.plan.plan import tutel_graph
 
         return tutel_graph(session.train_step, *batch, int(base[len(parts_prefix):]))
+    if is_part_variant(base):
+        return block_partition_graph(session.train_step, *batch, int(base[len(PART_PREFIX):]))
     from lancet.capture.trace import capture_step
 
     return capture_step(session.train_step, *batch)
