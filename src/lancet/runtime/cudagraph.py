@@ -99,7 +99,7 @@ class GraphedPhase:
                 self.inputs[i] = arg.clone()
                 self.copied.append(i)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool):
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             self.outputs = self.run(*self.inputs)
         self.fixed.update(_storage(t) for t in _tensors(self.outputs))
 
