@@ -50,12 +50,25 @@ def test_compiled_regions_are_priced_at_their_measured_ratio_with_one_host_call(
     assert priced.comm_ms == {"a2a": 4.0} and priced.collective_host_ms == 0.01
 
 
+class _HostPriced:
+    """The toy model with a host time on every node (as GPU profiles price the host)."""
+
+    def costs(self, graph):
+        return _with_host(_toy().costs(graph))
+
+
 def test_cuda_graph_replays_cost_the_host_nothing():
     graph = _graph()
-    priced = ExecutorCostModel(_toy(), _profile("cudagraph")).costs(graph)
+    priced = ExecutorCostModel(_HostPriced(), _profile("cudagraph")).costs(graph)
     assert priced.compute_ms["f3"] == 0.25
-    assert set(priced.host_ms.values()) <= {0.0}
+    assert priced.host_ms and set(priced.host_ms.values()) == {0.0}
     assert priced.default_host_ms == 0.0 and priced.collective_host_ms == 0.0
+
+
+def test_a_model_without_host_times_gets_none():
+    graph = _graph()
+    priced = price_for_executor(_toy().costs(graph), graph, _profile("compiled"))
+    assert priced.host_ms == {} and priced.compute_ms["f1"] == 0.5
 
 
 def test_nodes_never_profiled_take_the_ratio_of_all_compiled_regions():

@@ -12,10 +12,11 @@ graph the way it will run:
   compiled/eager ratio (the region it was in when profiled: by name, or by the
   ``origin`` a partition pass recorded; a node never profiled takes the ratio
   of all compiled regions together);
-- host time: under ``compiled`` a compiled region costs the host one call (its
-  measured host time, charged to the region's first node; a region never
-  profiled takes the median call), nodes left to run as traced keep their own;
-  under ``cudagraph`` the host issues nothing but the graph launches (0).
+- host time (when the base model prices the host at all: GPU profiles): under
+  ``compiled`` a compiled region costs the host one call (its measured host time,
+  charged to the region's first node; a region never profiled takes the median
+  call), nodes left to run as traced keep their own; under ``cudagraph`` the host
+  issues nothing but the graph launches (0).
 
 Regions are cut from the graph being priced exactly as the executor cuts them
 (``lancet.graph.regions``), so a plan that moves a node into another window
@@ -103,7 +104,7 @@ def price_for_executor(costs: NodeCosts, graph: fx.Graph, executor: ExecutorProf
     ratio, default_ratio = executor.node_ratio(), executor.overall_ratio()
     region_host = executor.region_host_ms()
     median_host = statistics.median(region_host.values()) if region_host else 0.0
-    graphed = executor.kind == "cudagraph"
+    graphed, model_host = executor.kind == "cudagraph", bool(costs.host_ms)
     compute, host = dict(costs.compute_ms), dict(costs.host_ms)
     for region in cut_regions(graph, executor.min_kernels):
         if not region.compiled:
@@ -111,8 +112,9 @@ def price_for_executor(costs: NodeCosts, graph: fx.Graph, executor: ExecutorProf
         for node in region.nodes:
             if node.name in compute:
                 compute[node.name] *= ratio.get(_origin(node), default_ratio)
-            host[node.name] = 0.0
-        if not graphed:
+            if model_host:
+                host[node.name] = 0.0
+        if model_host and not graphed:
             host[region.nodes[0].name] = region_host.get(_origin(region.nodes[0]), median_host)
     if graphed:
         host = {name: 0.0 for name in host}

@@ -125,7 +125,7 @@ def _phase_split(gm: fx.GraphModule, first_backward: fx.Node | None) -> tuple[fx
     for node in top.graph.nodes:
         if node.op == "call_module":
             index = int(str(node.target).removeprefix("submod_"))
-            call = PhaseCall(names[index] if index < len(names) else "backward", getattr(top, node.target))
+            call = PhaseCall(names[index], getattr(top, node.target))
             setattr(top, node.target, call)
             phases.append(call)
     return top, phases
