@@ -112,9 +112,12 @@ def _tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def warm_up_on_side_stream(run: Callable[[], object]) -> object:
-    """Run ``run()`` on a side stream (as capture needs: lazy initialisation off the capturing stream)."""
-    side = torch.cuda.Stream()
+def warm_up_on_side_stream(run: Callable[[], object], side: torch.cuda.Stream) -> object:
+    """Run ``run()`` on the stream ``side`` (as capture needs: lazy initialisation off the capturing stream).
+
+    ``side`` first waits for the current stream (so it never overwrites memory that earlier work there
+    still reads); the current stream then waits for ``side`` (the results are ready where they are used).
+    """
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         result = run()

@@ -107,6 +107,7 @@ class StepExecutor:
                 report.interpreted_regions[region.kind] = report.interpreted_regions.get(region.kind, 0) + 1
         self.steps = 0
         self._params: list[torch.Tensor] | None = None
+        self._side: torch.cuda.Stream | None = None
 
     @property
     def compile_report(self) -> CompileReport:
@@ -129,7 +130,8 @@ class StepExecutor:
         if self.kind != "cudagraph":
             return run()
         if self.steps < self.config.warmup:
-            return warm_up_on_side_stream(run)
+            self._side = self._side or torch.cuda.Stream()
+            return warm_up_on_side_stream(run, self._side)
         if self._params is None:
             self._arm_graphs(params)
         elif any(p is not q for p, q in zip(params, self._params)):

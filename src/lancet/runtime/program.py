@@ -132,12 +132,8 @@ def _phase_split(gm: fx.GraphModule, first_backward: fx.Node | None) -> tuple[fx
 
 
 def _first_backward(graph: fx.Graph) -> fx.Node | None:
-    """The first backward node, when every forward node precedes it (else None: one phase)."""
-    nodes = [n for n in graph.nodes if n.op == "call_function"]
-    first = next((i for i, n in enumerate(nodes) if node_phase(n) == "backward"), None)
-    if first is None or any(node_phase(n) == "forward" for n in nodes[first:]):
-        return None
-    return nodes[first]
+    """The first backward node (None: no backward); the backward phase runs from it to the end."""
+    return next((n for n in graph.nodes if n.op == "call_function" and node_phase(n) == "backward"), None)
 
 
 def build_program(train_graph: TrainGraph, *, fuse: bool = True, min_kernels: int = MIN_KERNELS) -> StepProgram:
