@@ -2,7 +2,8 @@
 # Executors on one GPU: check them against each other, then bench the paper's small model under each.
 #
 #   bash scripts/gpu/executors.sh 1    # checks; eager, eager-compiled, captured under each executor
-#   bash scripts/gpu/executors.sh 2    # tutel-d2, part-d2 (2-part partitioned forward), profile --executor
+#   bash scripts/gpu/executors.sh 2    # captured, tutel-d2, part-d2 (a 2-part partitioned forward)
+#   bash scripts/gpu/executors.sh 3    # profile under the default executor (region timings), optimize on it
 #
 # Each stage stays under 10 minutes on one H200 (16 CPU cores) from a cold machine; logs, JSON and traces go
 # under $OUT (default: out/). Inductor's caches live in .cache/inductor (ignored by git), so a second stage on
@@ -28,17 +29,21 @@ if [ "$STAGE" = 1 ]; then
     run bench_executors 400 $LANCET bench "${BENCH[@]}" \
         --variants eager,eager-compiled,captured:interpret,captured:compiled,captured:cudagraph \
         --json "$OUT/bench_executors.json" --trace-dir "$OUT/traces_executors"
-else
-    run bench_partitioned 330 $LANCET bench "${BENCH[@]}" --variants captured,tutel-d2,part-d2,tutel-d2:interpret \
+elif [ "$STAGE" = 2 ]; then
+    run bench_partitioned 520 $LANCET bench "${BENCH[@]}" --variants captured,tutel-d2,part-d2,tutel-d2:interpret \
         --json "$OUT/bench_partitioned.json" --trace-dir "$OUT/traces_partitioned"
-    TAIL=6 run profile_executor 230 $LANCET profile --model "$M" --dtype bf16 --nproc 1 --passes 1 --reps 3 \
+else
+    TAIL=6 run profile_executor 380 $LANCET profile --model "$M" --dtype bf16 --nproc 1 --passes 1 --reps 3 \
         --out "$OUT/profile_executor.json"
+    TAIL=3 run profile_comm 60 $LANCET profile-comm --nproc 1 --reps 3 --out "$OUT/comm.json"
+    TAIL=20 run optimize 120 $LANCET optimize --profile "$OUT/profile_executor.json" --comm "$OUT/comm.json" \
+        --out "$OUT/plan_executor.json" --max-partitions 2
 fi
 python3 - "$OUT" "$STAGE" <<'PY'
 import json, sys
 from pathlib import Path
 out, stage = Path(sys.argv[1]), sys.argv[2]
-names = ["bench_executors.json"] if stage == "1" else ["bench_partitioned.json"]
+names = {"1": ["bench_executors.json"], "2": ["bench_partitioned.json"]}.get(stage, [])
 print("\n| variant | executor | step ms | tokens/s | host issue ms | fwd GPU ms | fwd idle | bwd GPU ms | bwd idle | "
       "peak GiB | compile s (regions, FX cache hit/miss) |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -57,7 +62,7 @@ for name in names:
               f"{fmt(t.get('backward_gpu_ms'))} | {fmt(t.get('backward_idle_ms'))} | {fmt(r.get('peak_mem_gib'))} | "
               f"{compiled} |")
 profile = out / "profile_executor.json"
-if stage != "1" and profile.exists():
+if stage == "3" and profile.exists():
     ex = json.loads(profile.read_text())["profile"].get("executor")
     if ex:
         eager = sum(r["eager_ms"] for r in ex["regions"]); compiled = sum(r["device_ms"] for r in ex["regions"])

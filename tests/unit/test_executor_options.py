@@ -80,3 +80,17 @@ def test_phase_idle_time_from_kernels_launched_in_each_phase():
     assert metrics["backward_gpu_ms"] == pytest.approx(0.050) and metrics["backward_idle_ms"] == pytest.approx(0.020)
     assert metrics["step_idle_ms"] == pytest.approx((90 - 55) / 1e3)
     assert phase_metrics({"traceEvents": events[:3]}) == {}  # no kernels: a CPU trace
+
+
+def test_compile_progress_away_from_a_terminal_prints_a_few_lines_and_the_report(capsys):
+    from lancet.app.compile_progress import _Lines
+    from lancet.runtime.compile import CompileEvent
+
+    progress = _Lines("compile")
+    for done in range(1, 41):
+        progress(CompileEvent(done, 40, done, "forward", 45.0 if done == 7 else 0.5, done > 20,
+                              "40 of 60 regions compiled" if done == 40 else None))
+    lines = capsys.readouterr().out.splitlines()
+    assert 10 <= len(lines) <= 13  # one per tenth, the slow region, and the report
+    assert any("forward region 7: 45.0 s" in line for line in lines)
+    assert lines[-1] == "compile: 40 of 60 regions compiled"
