@@ -8,26 +8,31 @@ two-level ``fx.GraphModule``:
   so each phase can be timed, marked in a profile and captured as its own CUDA
   graph;
 - inside a phase, every compute region that ``lancet.graph.regions`` marks for
-  compilation is one call (``torch.fx.passes.utils.fuser_utils.fuse_by_partitions``
-  moves its nodes into a submodule); collectives, their waits, host copies and
-  host waits, and the regions that are not compiled stay as they were, in the
-  order the plan gave them.
+  compilation is one call (``torch.fx.passes.utils.fuser_utils.fuse_as_graphmodule``
+  moves its nodes into a submodule, called where its last node was); collectives,
+  their waits, host copies and host waits, and the regions that are not compiled
+  stay as they were, in the order the plan gave them. (Not ``fuse_by_partitions``:
+  it re-sorts the whole graph afterwards, and in some torch versions with a
+  topological sort that does not keep the order of independent nodes, which is
+  the schedule.)
 
 Contract: the program computes what the graph computes; the boundary nodes keep
 their relative order and each collective's window holds exactly the compute
 nodes it held in the graph (regions never hold a boundary, and a region is a run
 of consecutive nodes, so it sits where its nodes were). The source graph is not
-changed.
+changed; ``build_program`` checks that the program runs the source graph's nodes
+in the source graph's order and raises otherwise.
 """
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
-from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
+from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
 from lancet.capture.trace import TrainGraph
 from lancet.graph.regions import MIN_KERNELS, Region, cut_regions, node_phase
@@ -97,20 +102,34 @@ def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
     return fx.GraphModule(gm, graph), env
 
 
+def _fuse(gm: fx.GraphModule, nodes: list[fx.Node], name: str) -> fx.Node:
+    """Move ``nodes`` (consecutive, in order) into submodule ``name``, called where the last of them was."""
+    module, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, always_return_tuple=True)
+    gm.add_submodule(name, module)
+    inside = set(nodes)
+    with gm.graph.inserting_after(nodes[-1]):
+        call = gm.graph.call_module(name, args=inputs)
+    anchor = call
+    for i, output in enumerate(outputs):
+        with gm.graph.inserting_after(anchor):
+            anchor = gm.graph.call_function(operator.getitem, (call, i))
+        output.replace_all_uses_with(anchor, delete_user_cb=lambda user: user not in inside)
+    for node in reversed(nodes):
+        gm.graph.erase_node(node)
+    return call
+
+
 def _fuse_regions(gm: fx.GraphModule, regions: list[Region], env: dict[fx.Node, fx.Node]) -> dict[int, RegionCall]:
-    """Move each region into a submodule called where its nodes were; returns the calls by region index."""
-    fused = [r for r in regions if r.compiled]
-    partitions = [dict.fromkeys(env[n] for n in r.nodes) for r in fused]
-    fuse_by_partitions(gm, partitions, prefix=REGION_PREFIX, always_return_tuple=True)
+    """Move each compiled region into a submodule called where its nodes were; returns the calls by region index."""
     calls: dict[int, RegionCall] = {}
-    by_name = {f"{REGION_PREFIX}{i}": r for i, r in enumerate(fused)}
-    for node in gm.graph.nodes:
-        if node.op == "call_module" and node.target in by_name:
-            region = by_name[node.target]
-            node.meta.setdefault("custom", {})["phase"] = region.phase
-            call = RegionCall(region, getattr(gm, node.target))
-            setattr(gm, node.target, call)
-            calls[region.index] = call
+    for region in (r for r in regions if r.compiled):
+        name = f"{REGION_PREFIX}{region.index}"
+        node = _fuse(gm, [env[n] for n in region.nodes], name)
+        node.meta["custom"] = {"phase": region.phase}
+        calls[region.index] = RegionCall(region, getattr(gm, name))
+        setattr(gm, name, calls[region.index])
+    gm.graph.lint()
+    gm.recompile()
     return calls
 
 
@@ -147,13 +166,16 @@ def build_program(train_graph: TrainGraph, *, fuse: bool = True, min_kernels: in
     first = _first_backward(train_graph.graph)
     calls = _fuse_regions(gm, regions, env) if fuse else {}
     cut_node = None
-    if first is not None:  # fusing re-creates the graph's nodes: find the cut by name, or as its region's call
-        region = next((r for r in regions if first in r.nodes), None)
-        call = calls.get(region.index) if region is not None else None
-        cut_node = next(n for n in gm.graph.nodes if n.name == first.name or (
-            call is not None and n.op == "call_module" and getattr(gm, n.target) is call))
+    if first is not None:  # the first backward node, or the call of the region that starts with it
+        region = next((r for r in regions if r.nodes[0] is first), None)
+        cut_node = env[first] if region is None or region.index not in calls else next(
+            n for n in gm.graph.nodes if n.op == "call_module" and getattr(gm, n.target) is calls[region.index])
     top, phases = _phase_split(gm, cut_node)
-    return StepProgram(top=top, regions=regions, calls=calls, phases=phases)
+    program = StepProgram(top=top, regions=regions, calls=calls, phases=phases)
+    if program_order(program) != [n.name for n in train_graph.graph.nodes if n.op == "call_function"]:
+        raise RuntimeError(f"building the step program changed the order of the graph's nodes (torch "
+                           f"{torch.__version__}); the schedule would not be kept")
+    return program
 
 
 def program_order(program: StepProgram) -> list[str]:
