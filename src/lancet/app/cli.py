@@ -86,7 +86,7 @@ def add_executor_arg(parser: argparse.ArgumentParser, what: str) -> None:
 
     parser.add_argument(
         "--executor", default=None, choices=EXECUTORS,
-        help=f"how {what} runs: interpret (generated code, op by op), compiled (Inductor over the compute regions "
+        help=f"executor of {what}: interpret (generated code, op by op), compiled (Inductor over the compute regions "
              "between communication points), cudagraph (the compiled step replayed as CUDA graphs); default: "
              "cudagraph on CUDA when nothing in the step waits for the host, else compiled",
     )
