@@ -23,7 +23,7 @@ from lancet.plan.optimize import fake_process_group
 from lancet.runtime.cudagraph import graph_blockers, why_not_graphed
 from lancet.runtime.program import build_program, program_order
 from lancet.step.train_step import TrainStep
-from tests.graphs import GraphBuilder, aten
+from tests.graphs import GraphBuilder, aten, c10d
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +115,19 @@ def test_why_a_ragged_step_cannot_be_graphed_names_the_host_wait(graphs):
     assert why_not_graphed(graph, torch.device("cuda", 0)).startswith("the step waits for the host at ")
 
 
-def test_hand_built_graph_without_host_reads_can_be_graphed():
+def test_hand_built_graph_without_host_reads_can_be_graphed_unless_a_collective_spans_the_phases():
     b = GraphBuilder()
     x, w = b.input("x"), b.input("w")
     _, wait = b.all_reduce(b.mm(x, w, name="f1"), "ar")
     assert why_not_graphed(b.finish(wait).graph, torch.device("cuda", 0)) is None
+    b = GraphBuilder()
+    x, w = b.input("x"), b.input("w")
+    start = b.op(c10d.all_reduce.default, b.mm(x, w, name="f1"), "sum", "0", name="ar")
+    b.phase = "backward"
+    g = b.mm(x, w, name="b1")
+    wait = b.op(c10d.wait_tensor.default, start, name="wait_ar")
+    assert graph_blockers(b.finish(g, wait).graph) == [
+        "collective awaited in the other phase: ar (_c10d_functional.all_reduce.default)"]
 
 
 @pytest.mark.parametrize("min_kernels", [1, 2, 1000])

@@ -146,6 +146,11 @@ def cut_regions(graph: fx.Graph, min_kernels: int = MIN_KERNELS) -> list[Region]
     return regions
 
 
+def first_backward_node(graph: fx.Graph) -> fx.Node | None:
+    """Where the backward phase begins: its first node (None: no backward). Executors cut phases here."""
+    return next((n for n in graph.nodes if n.op == "call_function" and node_phase(n) == "backward"), None)
+
+
 def region_of(regions: list[Region]) -> dict[str, int]:
     """Node name -> index of the region that holds it."""
     return {node.name: region.index for region in regions for node in region.nodes}

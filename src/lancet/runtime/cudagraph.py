@@ -24,8 +24,8 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from lancet.graph.regions import TO_HOST_OPS, is_dynamic
-from lancet.graph.roles import Role, node_role
+from lancet.graph.regions import TO_HOST_OPS, first_backward_node, is_dynamic
+from lancet.graph.roles import Role, node_role, wait_of
 
 
 class GraphCaptureError(RuntimeError):
@@ -38,8 +38,12 @@ def _describe(node: fx.Node, what: str) -> str:
 
 
 def graph_blockers(graph: fx.Graph) -> list[str]:
-    """Why ``graph`` cannot be replayed as CUDA graphs: one line per node that needs the host ([] if none)."""
+    """Why ``graph`` cannot be replayed as CUDA graphs: one line per node that needs the host, or per
+    collective awaited in another phase than it starts in (phases are captured apart) ([] if none)."""
     blockers = []
+    first = first_backward_node(graph)
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    cut = position[first] if first is not None else len(position)
     for node in graph.nodes:
         role = node_role(node)
         if role == Role.HOST_SYNC:
@@ -48,8 +52,10 @@ def graph_blockers(graph: fx.Graph) -> list[str]:
             blockers.append(_describe(node, "host wait"))
         elif str(node.target) in TO_HOST_OPS:
             blockers.append(_describe(node, "copy to the host"))
-        elif node.op == "call_function" and node_role(node) == Role.COMM_START and is_dynamic(node):
+        elif role == Role.COMM_START and is_dynamic(node):
             blockers.append(_describe(node, "collective with data-dependent sizes"))
+        if role == Role.COMM_START and (position[node] < cut) != (position[wait_of(node)] < cut):
+            blockers.append(_describe(node, "collective awaited in the other phase:"))
     return blockers
 
 

@@ -35,7 +35,7 @@ from torch.fx.passes.split_module import split_module
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
 from lancet.capture.trace import TrainGraph
-from lancet.graph.regions import MIN_KERNELS, Region, cut_regions, node_phase
+from lancet.graph.regions import MIN_KERNELS, Region, cut_regions, first_backward_node
 from lancet.step.train_step import PHASE_ANNOTATION
 
 REGION_PREFIX = "region_"
@@ -150,11 +150,6 @@ def _phase_split(gm: fx.GraphModule, first_backward: fx.Node | None) -> tuple[fx
     return top, phases
 
 
-def _first_backward(graph: fx.Graph) -> fx.Node | None:
-    """The first backward node (None: no backward); the backward phase runs from it to the end."""
-    return next((n for n in graph.nodes if n.op == "call_function" and node_phase(n) == "backward"), None)
-
-
 def build_program(train_graph: TrainGraph, *, fuse: bool = True, min_kernels: int = MIN_KERNELS) -> StepProgram:
     """The program of ``train_graph``: phases, and (with ``fuse``) its compiled regions as calls.
 
@@ -163,7 +158,7 @@ def build_program(train_graph: TrainGraph, *, fuse: bool = True, min_kernels: in
     """
     regions = cut_regions(train_graph.graph, min_kernels)
     gm, env = _copy(train_graph.gm)
-    first = _first_backward(train_graph.graph)
+    first = first_backward_node(train_graph.graph)
     calls = _fuse_regions(gm, regions, env) if fuse else {}
     cut_node = None
     if first is not None:  # the first backward node, or the call of the region that starts with it
