@@ -6,8 +6,14 @@ Each test gets the marker of its folder unless it carries a tier marker of its o
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Inductor compiles C++ on the CPU; on the 2 cores tests run on, a pool of compile workers only competes with
+# the ranks (inherited by spawned ranks and by the command-line runs).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 TIERS = ("unit", "multirank", "e2e", "gpu")
 

@@ -29,18 +29,38 @@ from lancet.app.config import RunConfig
 from lancet.runtime.dist import rank_runtime
 from lancet.app.gc_policy import ScheduledCollection
 from lancet.app.report import header_line
-from lancet.step.train_step import StepResult
 
 PLAN_VARIANTS = ("lancet-dw", "lancet-part", "lancet")
-BASE_VARIANTS = ("eager", "captured")
+EAGER_VARIANTS = ("eager", "eager-compiled")
+"""``eager``: the step function op by op; ``eager-compiled``: ``torch.compile`` of it with default options."""
+BASE_VARIANTS = (*EAGER_VARIANTS, "captured")
 TUTEL_PREFIX = "tutel-d"
 """``tutel-dN``: only each MoE layer's all-to-alls and experts pipelined, N parts (N=1: captured)."""
+EXECUTOR_SEPARATOR = ":"
+"""Captured variants may name their executor: ``captured:compiled``, ``tutel-d2:cudagraph``, ``lancet:interpret``."""
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """(graph variant, executor or None) of a variant name."""
+    base, separator, executor = name.partition(EXECUTOR_SEPARATOR)
+    return base, (executor if separator else None)
+
+
+def _is_known_base(base: str) -> bool:
+    from lancet.app.variant_runners import is_part_variant
+
+    if base in BASE_VARIANTS or base in PLAN_VARIANTS or is_part_variant(base):
+        return True
+    return base.startswith(TUTEL_PREFIX) and base[len(TUTEL_PREFIX):].isdigit() and int(base[len(TUTEL_PREFIX):]) >= 1
 
 
 def is_known_variant(name: str) -> bool:
-    if name in BASE_VARIANTS or name in PLAN_VARIANTS:
-        return True
-    return name.startswith(TUTEL_PREFIX) and name[len(TUTEL_PREFIX):].isdigit() and int(name[len(TUTEL_PREFIX):]) >= 1
+    from lancet.runtime.executor import EXECUTORS
+
+    base, executor = split_variant(name)
+    if executor is not None and (executor not in EXECUTORS or base in EAGER_VARIANTS):
+        return False
+    return _is_known_base(base)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -54,18 +74,30 @@ class BenchOptions:
     trace_dir: str | None = None
     rounds: int = 1
     """Rounds over the variant list (A B C A B C ...): drift in the machine falls on every variant alike."""
+    executor: str | None = None
+    """Executor of captured variants that name none (None: the fastest the graph and device allow)."""
 
     def validate(self) -> None:
+        from lancet.runtime.executor import EXECUTORS, check_executor_device
+
         unknown = [v for v in self.variants if not is_known_variant(v)]
         if unknown:
-            known = ", ".join((*BASE_VARIANTS, *PLAN_VARIANTS, "tutel-dN"))
-            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {known}")
+            known = ", ".join((*BASE_VARIANTS, *PLAN_VARIANTS, "tutel-dN", "part-dN"))
+            raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {known}, captured ones optionally "
+                             f"with an executor ({', '.join(f'captured:{e}' for e in EXECUTORS)})")
+        if self.executor is not None and self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        for variant in self.variants:
+            base, executor = split_variant(variant)
+            if base not in EAGER_VARIANTS:
+                check_executor_device(executor or self.executor, device_type)
         if not self.variants:
             raise ValueError("give at least one variant")
         repeated = sorted({v for v in self.variants if self.variants.count(v) > 1})
         if repeated:
             raise ValueError(f"variant(s) {', '.join(repeated)} given more than once; use --rounds to repeat")
-        needing = [v for v in self.variants if v in PLAN_VARIANTS]
+        needing = [v for v in self.variants if split_variant(v)[0] in PLAN_VARIANTS]
         if needing and self.plan is None:
             raise ValueError(f"variant(s) {', '.join(needing)} need --plan (from `lancet optimize`)")
         if self.plan is not None and not Path(self.plan).exists():
@@ -87,36 +119,32 @@ class VariantResult:
     predicted: dict | None = None
     quartiles_ms: list[float] = field(default_factory=list)
     """First and third quartile of the timed steps: the spread beside the median."""
+    executor: str | None = None
+    """What ran the step: interpret, compiled, cudagraph, torch.compile (eager-compiled); None for eager."""
+    host_issue_ms: float | None = None
+    """Median host time to issue a step (the step function's call, less time blocked waiting for split sizes)."""
+    compile: dict | None = None
+    """What compiling the step's regions cost (``lancet.runtime.compile.CompileReport``)."""
 
     def to_json(self) -> dict:
         return asdict(self)
 
 
-def _runner(variant: str, session, plan) -> tuple[Callable[[list, torch.Tensor, torch.Tensor], StepResult], int]:
-    """The step function of ``variant`` and the number of all-to-alls its forward issues."""
-    if variant == "eager":
-        from lancet.moe import MoELayer
+def _runner(variant: str, session, plan, opts: BenchOptions, functions: dict):
+    """The runner of ``variant`` (``lancet.app.variant_runners``); captured ones default to ``opts.executor``.
 
-        layers = [m for m in session.train_step.model.modules() if isinstance(m, MoELayer)]
-        return session.train_step, sum(layer.forward_all_to_alls for layer in layers)
-    from lancet.graph.analysis import analyze
-    from lancet.runtime.captured import CapturedStep
+    ``functions``: the compiled regions of this bench, shared between its variants.
+    """
+    from lancet.app.variant_runners import build_runner
 
-    batch = session.batch(0)
-    if variant in PLAN_VARIANTS:
-        from lancet.plan.plan import build_step_graph
-
-        train_graph = build_step_graph(session.train_step, *batch, plan, variant)
-    elif variant.startswith(TUTEL_PREFIX):
-        from lancet.plan.plan import tutel_graph
-
-        train_graph = tutel_graph(session.train_step, *batch, int(variant[len(TUTEL_PREFIX):]))
-    else:
-        from lancet.capture.trace import capture_step
-
-        train_graph = capture_step(session.train_step, *batch)
-    forward_a2a = len(analyze(train_graph).collectives_of("all_to_all", "forward"))
-    return CapturedStep(train_graph), forward_a2a
+    base, executor = split_variant(variant)
+    if base not in EAGER_VARIANTS and executor is None:
+        executor = opts.executor
+    runner = build_runner(base, executor, session, plan, parts_prefix=TUTEL_PREFIX, plan_variants=PLAN_VARIANTS,
+                          functions=functions)
+    if runner.note and session.runtime.is_main:
+        print(f"{variant}: {runner.note}", flush=True)
+    return runner
 
 
 def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
@@ -127,8 +155,10 @@ def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
     return tensor.cpu().tolist()
 
 
-def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCollection) -> list[float]:
-    """Warm-up, then wall-clock ms of each timed step on this rank (collection between steps, untimed)."""
+def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCollection,
+                 issue_ms: list[float]) -> list[float]:
+    """Warm-up, then wall-clock ms of each timed step on this rank (collection between steps, untimed);
+    ``one_step`` returns its host issue ms, which are appended to ``issue_ms``."""
     for step in range(opts.warmup):
         one_step(step)
         collection.after_step(step)
@@ -136,7 +166,7 @@ def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCol
     for step in range(opts.warmup, opts.warmup + opts.steps):
         runtime.synchronize()
         start = time.perf_counter()
-        one_step(step)
+        issue_ms.append(one_step(step))
         runtime.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
         collection.after_step(step)
@@ -145,11 +175,12 @@ def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCol
 
 def _profiled_steps(one_step, variant: str, forward_a2a: int, opts: BenchOptions, runtime) -> dict:
     """Trace ``opts.profile_steps`` more steps with torch.profiler; the summary of the trace ({} for none)."""
+    from lancet.measure.phases import phase_metrics
     from lancet.measure.trace_metrics import profile_steps, summarize
 
     if opts.profile_steps <= 0:
         return {}
-    trace_dir = Path(opts.trace_dir or "lancet_traces") / variant
+    trace_dir = Path(opts.trace_dir or "lancet_traces") / variant.replace(EXECUTOR_SEPARATOR, "_")
     trace_dir.mkdir(parents=True, exist_ok=True)
     first = opts.warmup + opts.steps
     trace = profile_steps(
@@ -159,7 +190,7 @@ def _profiled_steps(one_step, variant: str, forward_a2a: int, opts: BenchOptions
         device=runtime.device,
         trace_path=trace_dir / f"rank{runtime.rank}.json",
     )
-    return summarize(trace, forward_a2a)
+    return {**summarize(trace, forward_a2a), **phase_metrics(trace)}
 
 
 @dataclass(slots=True)
@@ -168,6 +199,9 @@ class _VariantState:
 
     runner: Callable
     forward_a2a: int
+    executor: str | None = None
+    compile_report: Callable[[], dict | None] = lambda: None
+    issue_ms: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
     round_ms: list[float] = field(default_factory=list)
     trace: dict = field(default_factory=dict)
@@ -178,6 +212,7 @@ def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, 
                    initial: list[torch.Tensor], profile: bool) -> None:
     """One round of ``variant``: fresh parameters and optimizer, warm-up, timed steps (and the profiled ones)."""
     from lancet.app.train import make_optimizer
+    from lancet.moe.host_copy import blocked_seconds
 
     runtime = session.runtime
     with torch.no_grad():
@@ -185,14 +220,19 @@ def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, 
             p.copy_(v)
     session.optimizer = make_optimizer(run.optimizer, session.params, run.learning_rate)
 
-    def one_step(step: int) -> None:
-        session.apply(state.runner(session.params, *session.batch(step)))
+    def one_step(step: int) -> float:
+        tokens, targets = session.batch(step)
+        blocked, begin = blocked_seconds(), time.perf_counter()
+        result = state.runner(session.params, tokens, targets)
+        issue_ms = (time.perf_counter() - begin - (blocked_seconds() - blocked)) * 1e3
+        session.apply(result)
+        return issue_ms
 
     if runtime.device.type == "cuda":
         torch.cuda.empty_cache()  # every round starts from the same allocator state
         torch.cuda.reset_peak_memory_stats(runtime.device)
     with ScheduledCollection(run.gc_every) as collection:
-        times = _slowest_rank(_timed_steps(one_step, opts, runtime, collection), runtime.group)
+        times = _slowest_rank(_timed_steps(one_step, opts, runtime, collection, state.issue_ms), runtime.group)
         if profile:
             state.trace = _profiled_steps(one_step, variant, state.forward_a2a, opts, runtime)
     state.times.extend(times)
@@ -207,9 +247,13 @@ def _result(variant: str, state: _VariantState, session, plan) -> VariantResult:
     tokens = session.model_cfg.tokens_per_rank * session.runtime.world_size
     result = VariantResult(variant, step_ms, tokens / (step_ms / 1e3), state.peak_gib, state.trace, list(state.round_ms))
     result.quartiles_ms = quartiles(state.times)
-    if plan is not None and variant in PLAN_VARIANTS:
-        result.predicted = plan.variant(variant).predicted
-    elif plan is not None and variant in BASE_VARIANTS:
+    result.executor = state.executor
+    result.host_issue_ms = statistics.median(state.issue_ms) if state.issue_ms else None
+    result.compile = state.compile_report()
+    base = split_variant(variant)[0]
+    if plan is not None and base in PLAN_VARIANTS:
+        result.predicted = plan.variant(base).predicted
+    elif plan is not None and base in BASE_VARIANTS:
         result.predicted = plan.predicted
     return result
 
@@ -222,16 +266,19 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]
-        console = Console(width=160)
+        console = Console(width=220)
         if runtime.is_main:
             console.print(header_line(run, session, step=f"variants {', '.join(opts.variants)}"), markup=False)
         states: dict[str, _VariantState] = {}
+        functions: dict = {}
         for round_index in range(opts.rounds):
             last = round_index == opts.rounds - 1
             for i, variant in enumerate(opts.variants, 1):
                 begin = time.perf_counter()
                 if variant not in states:
-                    states[variant] = _VariantState(*_runner(variant, session, plan))
+                    runner = _runner(variant, session, plan, opts, functions)
+                    states[variant] = _VariantState(runner.step, runner.forward_a2a, runner.executor,
+                                                    runner.compile_report)
                 _measure_round(states[variant], variant, run, session, opts, initial, profile=last)
                 if runtime.is_main:
                     console.print(f"[round {round_index + 1}/{opts.rounds}, {i}/{len(opts.variants)}] {variant}: "
@@ -286,8 +333,9 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} network={run.network or 'native'}"
     table = Table(title=title)
     rounds = max(len(r.get("round_ms") or ()) for r in rows)
-    columns = ("variant", "step ms", "q1-q3 ms", "x eager", "tokens/s", "a2a ms", "exposed a2a", "exposed bwd a2a",
-               "exposed comm", "two-lane bound", "predicted ms", "peak GiB") + (("round spread",) if rounds > 1 else ())
+    columns = ("variant", "executor", "step ms", "q1-q3 ms", "x eager", "tokens/s", "a2a ms", "exposed a2a",
+               "exposed bwd a2a", "exposed comm", "two-lane bound", "predicted ms", "host issue ms", "fwd idle",
+               "bwd idle", "peak GiB") + (("round spread",) if rounds > 1 else ())
     for column in columns:
         table.add_column(column, justify="right")
     eager = next((r for r in rows if r["variant"] == "eager"), None)
@@ -296,6 +344,7 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
         q = r.get("quartiles_ms") or []
         table.add_row(
             r["variant"],
+            r.get("executor") or "",
             f"{r['step_ms']:.2f}",
             f"{q[0]:.2f}-{q[1]:.2f}" if q else "",
             speedup(r, eager),
@@ -306,6 +355,9 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
             f"{t['exposed_comm_ms']:.2f}" if t else "",
             f"{max(t['compute_ms'], t['comm_ms']):.2f}" if t else "",
             f"{r['predicted']['makespan_ms']:.2f}" if r.get("predicted") else "",
+            _ms(r.get("host_issue_ms")),
+            _ms(t.get("forward_idle_ms")),
+            _ms(t.get("backward_idle_ms")),
             f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "",
             *((_spread(r["round_ms"]),) if rounds > 1 else ()),
         )
@@ -316,4 +368,16 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     console.print("step ms: median; q1-q3: first to third quartile of the timed steps; x eager: eager median / "
                   "variant median, '~' where the quartile ranges overlap: that difference is within noise")
     console.print("times in ms; exposed = not covered by compute kernels; two-lane bound = max(compute kernel time, "
-                  "communication kernel time) (profiled steps, rank 0)")
+                  "communication kernel time) (profiled steps, rank 0); host issue = host time to issue a step; "
+                  "fwd/bwd idle = GPU time with no kernel running inside the phase")
+    for r in rows:
+        if r.get("compile") and r["compile"]["compiled_regions"]:
+            report = r["compile"]
+            console.print(f"compile {r['variant']}: {report['compiled_regions']} of {report['regions']} regions "
+                          f"({report['compiles']} distinct) in {report['seconds']:.1f} s, Inductor cache "
+                          f"{report['cache'].get('fxgraph_cache_hit', 0)} hit(s) / "
+                          f"{report['cache'].get('fxgraph_cache_miss', 0)} miss(es)", markup=False)
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"

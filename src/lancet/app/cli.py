@@ -124,13 +124,37 @@ def starting(command: str, run: RunConfig) -> None:
     print(f"lancet {command}: starting {world} {where}...", file=sys.stderr, flush=True)
 
 
+def add_executor_arg(parser: argparse.ArgumentParser, what: str) -> None:
+    from lancet.runtime.executor import EXECUTORS
+
+    parser.add_argument(
+        "--executor", default=None, choices=EXECUTORS,
+        help=f"executor of {what}: interpret (generated code, op by op), compiled (Inductor over the compute regions "
+             "between communication points), cudagraph (the compiled step replayed as CUDA graphs); default: "
+             "cudagraph on CUDA when nothing in the step waits for the host, else compiled",
+    )
+
+
+def executor_usable(executor: str | None) -> None:
+    """Refuse an executor this machine cannot run (cudagraph without CUDA) before any rank starts."""
+    import torch
+
+    from lancet.runtime.executor import ExecutorError, check_executor_device
+
+    try:
+        check_executor_device(executor, "cuda" if torch.cuda.is_available() else "cpu")
+    except ExecutorError as err:
+        raise UsageError(str(err)) from None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from lancet.app.train import train_worker
 
+    mode = args.mode or ("captured" if args.executor else "eager")
     run = checked(
-        run_config(args, mode=args.mode, plan=args.plan, plan_variant=args.plan_variant, metrics_jsonl=args.metrics_jsonl,
+        run_config(args, mode=mode, plan=args.plan, plan_variant=args.plan_variant, metrics_jsonl=args.metrics_jsonl,
                    checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                   nonfinite=args.nonfinite)
+                   nonfinite=args.nonfinite, executor=args.executor)
     )
     starting("train", run)
     launch(train_worker, (run,), run.nproc)
@@ -153,7 +177,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise UsageError("--passes and --reps must be >= 1")
     if args.tutel < 1:
         raise UsageError("--tutel must be >= 1")
-    launch(profile_worker, (run, args.out, args.passes, args.reps, args.tutel), run.nproc)
+    executor_usable(args.executor)
+    launch(profile_worker, (run, args.out, args.passes, args.reps, args.tutel, args.executor), run.nproc)
     return 0
 
 
@@ -211,6 +236,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         trace_dir=args.trace_dir,
         rounds=args.rounds,
+        executor=args.executor,
     )
     try:
         opts.validate()
@@ -244,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model (eager or captured step)")
     add_run_args(train)
-    train.add_argument("--mode", default="eager", choices=("eager", "captured"),
-                       help="eager: the step op by op; captured: its traced whole-step graph")
+    train.add_argument("--mode", default=None, choices=("eager", "captured"),
+                       help="eager: the step function op by op; captured: its traced graph (default: eager, or "
+                            "captured with --executor)")
+    add_executor_arg(train, "the captured graph")
     train.add_argument("--plan", default=None, help="plan from `lancet optimize` (captured mode)")
     train.add_argument("--plan-variant", default="lancet", choices=("lancet", "lancet-dw", "lancet-part"),
                        help="which schedule of the plan to run")
@@ -272,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--tutel", type=int, default=1, metavar="N",
                          help="profile the tutel-dN step (MoE dispatch stages in N parts) instead of the captured one; "
                               "for checking the cost estimate of partitioned steps (optimize takes only N=1)")
+    add_executor_arg(profile, "the profiled step")
     profile.set_defaults(func=cmd_profile)
 
     comm = sub.add_parser("profile-comm", help="measure all-to-all / all-reduce cost curves and contention")
@@ -297,8 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--variants",
         default="eager,captured",
-        help="comma list of eager, captured, lancet-dw, lancet-part, lancet, tutel-dN (N parts)",
+        help="comma list of eager, eager-compiled (torch.compile of the step function), captured, lancet-dw, "
+             "lancet-part, lancet, tutel-dN (MoE dispatch in N parts), part-dN (every MoE block's forward from its "
+             "attention to its end in N parts); a captured variant may name its executor: captured:interpret, "
+             "captured:compiled, captured:cudagraph (also tutel-dN:..., lancet:...)",
     )
+    add_executor_arg(bench, "captured variants that name no executor")
     bench.add_argument("--plan", default=None, help="plan for the lancet-* variants")
     bench.add_argument("--warmup", type=int, default=5, help="untimed steps per variant and round")
     bench.add_argument("--rounds", type=int, default=1,

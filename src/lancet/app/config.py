@@ -70,6 +70,9 @@ class RunConfig:
     """Plan file (from ``lancet optimize``) to apply to the captured graph."""
     plan_variant: str = "lancet"
     """Which variant of the plan to run (lancet, lancet-dw, lancet-part)."""
+    executor: str | None = None
+    """How the captured graph runs: interpret, compiled or cudagraph; None: the fastest the graph and device
+    allow (``lancet.runtime.executor``)."""
     network: str | None = None
     metrics_jsonl: str | None = None
     nproc: int | None = None
@@ -107,6 +110,7 @@ class RunConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose eager or captured")
         if self.plan is not None and self.mode != "captured":
             raise ValueError("--plan applies to the captured graph; use --mode captured")
+        self._validate_executor()
         if self.network is not None and self.network not in NETWORK_ENV:
             raise ValueError(f"unknown network regime {self.network!r}; choose one of {', '.join(NETWORK_ENV)}")
         if self.data != SYNTHETIC:
@@ -128,7 +132,21 @@ class RunConfig:
         return {"spec": asdict(self.spec), "steps": self.steps, "optimizer": self.optimizer, "lr": self.learning_rate,
                 "dtype": self.dtype, "data": self.data, "seed": self.seed, "mode": self.mode,
                 "plan_variant": self.plan_variant if self.plan else None, "nonfinite": self.nonfinite,
-                "checkpoint_every": self.checkpoint_every if self.checkpoint_dir else None, "resume": self.resume}
+                "checkpoint_every": self.checkpoint_every if self.checkpoint_dir else None, "resume": self.resume,
+                "executor": self.executor}
+
+    def _validate_executor(self) -> None:
+        import torch
+
+        from lancet.runtime.executor import EXECUTORS, check_executor_device
+
+        if self.executor is None:
+            return
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
+        if self.mode != "captured":
+            raise ValueError(f"--executor {self.executor} runs the captured graph; leave out --mode eager")
+        check_executor_device(self.executor, "cuda" if torch.cuda.is_available() else "cpu")
 
     @property
     def learning_rate(self) -> float:

@@ -23,9 +23,11 @@ from lancet.app.report import StepProgress, console_for
 from lancet.runtime.dist import rank_runtime
 
 
-def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_parts: int = 1) -> dict:
+def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_parts: int = 1,
+                   executor: str | None = None) -> dict:
     """Capture the step (or its ``tutel-d<tutel_parts>`` rewrite), time every compute node over ``passes`` batches,
-    write the agreed profile (rank 0)."""
+    and every compiled region under ``executor`` (None: the default for the graph and device); write the agreed
+    profile (rank 0)."""
     from lancet.plan.plan import tutel_graph
     from lancet.app.train import build_session
 
@@ -40,6 +42,7 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_
         with StepProgress(console_for(runtime.is_main), "profile passes", passes) as bar:
             profile = profile_graph(train_graph.gm, batches, runtime.device, runtime.group, reps=reps,
                                     progress=lambda i: bar.advance(f"profile pass {i}/{passes} done"))
+        profile.executor = _profile_executor(train_graph, executor, batches, session, profile.node_ms, reps)
         profile.optimizer_ms = optimizer_ms(session, reps)
         payload = {"spec": asdict(run.spec), "profile": profile.to_json(), "tutel_parts": tutel_parts}
         if runtime.is_main:
@@ -49,7 +52,23 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_
                 f"profiled {len(profile.node_ms)} compute nodes ({len(profile.op_ms())} distinct ops), "
                 f"sum {total:.2f} ms per step, optimizer {profile.optimizer_ms:.2f} ms -> {out_path}"
             )
+            if profile.executor is not None:
+                totals = profile.executor.summary()
+                Console().print(
+                    f"{profile.executor.kind}: {totals['regions']} compiled regions, {totals['eager_ms']:.2f} ms eager "
+                    f"-> {totals['compiled_ms']:.2f} ms compiled (device); host {totals['host_ms']:.2f} ms in region "
+                    f"calls, {totals['issue_ms']:.2f} ms to issue a step", markup=False)
         return payload
+
+
+def _profile_executor(train_graph, executor: str | None, batches, session, node_ms: dict, reps: int):
+    """Region timings under ``executor`` (None when it resolves to interpret)."""
+    from lancet.app.compile_progress import compile_progress
+    from lancet.runtime.region_timing import profile_executor
+
+    runtime = session.runtime
+    return profile_executor(train_graph, executor, batches, runtime.device, runtime.group, node_ms, reps=reps,
+                            progress=compile_progress(runtime.is_main))
 
 
 def optimizer_ms(session, reps: int) -> float:

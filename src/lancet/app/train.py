@@ -78,12 +78,17 @@ def build_session(run: RunConfig, runtime: Runtime) -> Session:
 
 
 def make_runner(run: RunConfig, session: Session):
-    """The step function for ``run.mode``: the eager TrainStep or the captured graph."""
+    """The step function for ``run.mode``: the eager TrainStep or the captured graph under ``run.executor``."""
     if run.mode == "eager":
         return session.train_step
+    from lancet.app.compile_progress import compile_progress
     from lancet.runtime.captured import captured_runner
 
-    return captured_runner(session, plan_path=run.plan, variant=run.plan_variant)
+    runner = captured_runner(session, plan_path=run.plan, variant=run.plan_variant, executor=run.executor,
+                             progress=compile_progress(session.runtime.is_main))
+    if session.runtime.is_main:
+        print(f"executor: {runner.kind}" + (f" ({runner.note})" if runner.note else ""), flush=True)
+    return runner
 
 
 def train_worker(run: RunConfig) -> list[dict]:

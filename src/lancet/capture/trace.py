@@ -142,7 +142,9 @@ def fake_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 def _trace(fn, inputs: list[torch.Tensor], model: nn.Module) -> fx.GraphModule:
     """make_fx over static-shape fake inputs, with module annotations and readable failures."""
     fakes = fake_inputs(inputs)
-    with _module_annotations(model) as module_stack, fx_traceback.preserve_node_meta():
+    # Annotations still open when tracing fails are closed by ``_module_annotations`` first; then
+    # ``preserve_node_meta`` restores the annotations as they were, so a failed capture leaks none.
+    with fx_traceback.preserve_node_meta(), _module_annotations(model) as module_stack:
         try:
             return make_fx(fn, tracing_mode="symbolic")(*fakes)
         except Exception as err:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import fx
 
 from lancet.cost.clock import Clock
+from lancet.cost.executor import ExecutorProfile
 from lancet.graph.roles import Role, collective_kind, is_view, node_role
 from lancet.graph.shapes import output_bytes
 
@@ -204,6 +205,9 @@ class ComputeProfile:
     issue_ms: float = 0.0
     """Host time to issue the whole graph in its generated code, not counting host waits for split sizes
     (median over runs and ranks; 0 in profiles made before it was measured)."""
+    executor: ExecutorProfile | None = None
+    """Region timings under the compiled or CUDA-graph executor (``lancet profile --executor``); None: the
+    graph was profiled for the interpreted executor only (and in profiles made before executors existed)."""
 
     def without_comm_times(self) -> ComputeProfile:
         """This profile with no measured collective times (for pricing under another network than it ran on)."""
@@ -231,6 +235,7 @@ class ComputeProfile:
             "world_size": self.world_size,
             "comm_ms": self.comm_ms,
             "issue_ms": self.issue_ms,
+            "executor": None if self.executor is None else self.executor.to_json(),
         }
 
     @classmethod
@@ -250,6 +255,7 @@ class ComputeProfile:
             world_size=int(data.get("world_size", max(len(data.get("ranks", [])), 1))),
             comm_ms={n: float(v) for n, v in data.get("comm_ms", {}).items()},
             issue_ms=float(data.get("issue_ms", 0.0)),
+            executor=ExecutorProfile.from_json(data["executor"]) if data.get("executor") else None,
         )
 
 

@@ -25,6 +25,7 @@ from lancet.plan.artifact import ArtifactMismatch, identity_from_json, read_arti
 from lancet.capture.trace import capture_forward, capture_step
 from lancet.cost.comm import CommProfile
 from lancet.cost.estimate import DerivedCostModel
+from lancet.cost.executor import ExecutorCostModel
 from lancet.cost.model import ProfiledCostModel, host_scale
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
 from lancet.passes.partition.rewrite import drop_semantics, partition_pass
@@ -108,7 +109,7 @@ def optimize(
     profile_doc, profile_identity, comm_identity, comm = _load(profile_path, comm_path)
     profile = profile_for_network(profile_doc, comm_identity.network)
     model_host = profile_identity.device.startswith("cuda")
-    measured = ProfiledCostModel(profile=profile, comm=comm, model_host=model_host)
+    measured = _for_executor(ProfiledCostModel(profile=profile, comm=comm, model_host=model_host), profile)
     identity = replace(profile_identity, network=comm_identity.network)
     timelines: dict[str, Timeline] = {}
     with fake_process_group(profile_identity.world_size):
@@ -120,7 +121,7 @@ def optimize(
                 f"the graph captured here ({fingerprint}) is not the profiled graph ({profile.fingerprint}); "
                 "optimize with the same lancet and torch on the same kind of device"
             )
-        derived = DerivedCostModel.of_captured(profile, comm, captured.graph, model_host)
+        derived = _for_executor(DerivedCostModel.of_captured(profile, comm, captured.graph, model_host), profile)
         # The partitioned step is priced by the derived model, so the unpartitioned orders it competes
         # with are priced that way too (before and after the order passes, on the same graph).
         derived_ms = lambda: simulate(captured.graph, derived.costs(captured.graph)).makespan_ms  # noqa: E731
@@ -135,7 +136,8 @@ def optimize(
             fingerprint=fingerprint,
             predicted=timelines["captured"].summary(),
             options={"dw": schedule_dw, "partition": partition, "max_partitions": max_partitions,
-                     "memory_cap_bytes": memory_cap_bytes},
+                     "memory_cap_bytes": memory_cap_bytes,
+                     "executor": profile.executor.kind if profile.executor is not None else "interpret"},
         )
         plan.variants["lancet-dw"] = VariantPlan(
             dw=order.dw, allreduce=order.allreduce, step_fingerprint=fingerprint,
@@ -152,6 +154,11 @@ def optimize(
     scale = host_scale(profile, comm, captured.graph) if model_host else 1.0
     return OptimizeResult(plan=plan, unpriced=list(measured.unpriced), timelines=timelines,
                           issue_ms=profile.issue_ms if model_host else 0.0, host_scale=scale)
+
+
+def _for_executor(model, profile: ComputeProfile):
+    """``model`` priced for the executor the profile measured (compiled regions, CUDA graphs), if any."""
+    return model if profile.executor is None else ExecutorCostModel(model, profile.executor)
 
 
 def _add_optimizer(plan: Plan, timelines: dict[str, Timeline], optimizer_ms: float) -> None:
@@ -247,6 +254,11 @@ def print_prediction(result: OptimizeResult, console: Console) -> None:
     if result.issue_ms > 0:
         console.print(f"host: issuing the profiled step took {result.issue_ms:.2f} ms; per-node host times "
                       f"scaled by {result.host_scale:.2f} to match")
+    executor = plan.options.get("executor", "interpret")
+    if executor != "interpret":
+        console.print(f"priced for the {executor} executor: compiled regions at their measured compiled/eager "
+                      "device-time ratio" + ("; host issue of a graph replay taken as 0" if executor == "cudagraph"
+                                             else "; one host call per compiled region"))
     dw = plan.variants["lancet-dw"].dw
     if dw is not None:
         console.print(f"lancet-dw: dW nodes moved into all-to-all windows: {dw.num_moved}")

@@ -4,6 +4,10 @@ The graph is traced once; each call replays it on the current parameters and
 a fresh batch. Routing, and with it every all-to-all's split sizes, is
 recomputed from the data on each replay. Gradients are handed back in
 parameter order for a standard torch optimizer.
+
+``CapturedStep`` runs the graph's generated code as it is (the reference the
+other executors are checked against); ``captured_runner`` builds the executor a
+run asks for (``lancet.runtime.executor``).
 """
 
 from __future__ import annotations
@@ -33,10 +37,16 @@ class CapturedStep:
         )
 
 
-def captured_runner(session, plan_path: str | None = None, variant: str = "lancet") -> CapturedStep:
-    """Capture the session's step on its first batch and return the executor (``variant`` of a plan if given)."""
+def captured_runner(session, plan_path: str | None = None, variant: str = "lancet", executor: str | None = None,
+                    progress=None):
+    """Capture the session's step on its first batch (``variant`` of a plan if given) and return its executor
+    (``executor``: interpret, compiled, cudagraph; None: the default for the graph and device)."""
+    from lancet.runtime.executor import make_executor
+
     if plan_path is not None:
         from lancet.plan.plan import plan_runner_graph
 
-        return CapturedStep(plan_runner_graph(session, plan_path, variant))
-    return CapturedStep(capture_step(session.train_step, *session.batch(0)))
+        train_graph = plan_runner_graph(session, plan_path, variant)
+    else:
+        train_graph = capture_step(session.train_step, *session.batch(0))
+    return make_executor(train_graph, executor, progress=progress)

@@ -9,6 +9,9 @@ them home), so they are not reduced.
 
 Graph nodes traced from this function carry ``meta["custom"]["phase"]``
 (``forward`` or ``backward``; the gradient all-reduce counts as backward).
+Run eagerly, each phase is also a ``torch.profiler.record_function`` range
+(``lancet/forward``, ``lancet/backward``), as in the executors of captured
+graphs; traced (``make_fx``, ``torch.compile``), it is not.
 
 Scaling: each rank differentiates ``local_loss / W`` and the dense gradients
 are summed, so every gradient equals that of the mean over ranks of the local
@@ -31,6 +34,8 @@ from torch.func import functional_call
 from lancet.moe.experts import GroupedExperts
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+PHASE_ANNOTATION = "lancet/{phase}"
+"""``torch.profiler.record_function`` name of each phase of a step run (``lancet/forward``, ``lancet/backward``)."""
 
 
 def expert_parameter_names(model: nn.Module) -> set[str]:
@@ -66,6 +71,23 @@ def allreduce_buckets(grads: list[Tensor], buckets: list[list[int]], group: dist
         for i, piece in zip(bucket, flat.split([grads[i].numel() for i in bucket])):
             out[i] = piece.view_as(grads[i])
     return out
+
+
+def _tracing() -> bool:
+    """Whether this runs under a tracer (``torch.compile`` or ``make_fx``), which must not see profiler ranges."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None
+
+
+@contextlib.contextmanager
+def _phase(name: str):
+    """The phase annotation of traced nodes; a profiler range when run eagerly."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fx_traceback.annotate({"phase": name}))
+        if not _tracing():
+            stack.enter_context(torch.profiler.record_function(PHASE_ANNOTATION.format(phase=name)))
+        yield
 
 
 @dataclass(slots=True)
@@ -138,10 +160,10 @@ class TrainStep:
         return step
 
     def __call__(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> StepResult:
-        with fx_traceback.annotate({"phase": "forward"}):
+        with _phase("forward"):
             loss, keep = self.forward_loss(params, tokens_BS, targets_BS)
             scaled = loss / self.world_size
-        with fx_traceback.annotate({"phase": "backward"}):
+        with _phase("backward"):
             grads = list(torch.autograd.grad(scaled, params))
             if self.group is not None and self.world_size > 1:
                 grads = allreduce_buckets(grads, self.buckets, self.group)

@@ -1,0 +1,106 @@
+"""The step function of every bench variant, with the executor it runs under.
+
+Variants: ``eager`` (the step function op by op), ``eager-compiled``
+(``torch.compile`` of the step function with default options: graph breaks
+where it reads split sizes on the host and at the backward, as a user would
+first try), and the captured graphs ``captured``, ``tutel-dN``, ``part-dN``,
+``lancet-dw``, ``lancet-part`` and ``lancet``, each under an executor
+(``captured:compiled``; none named: the bench's ``--executor``, else the fastest
+the graph and device allow). ``part-dN`` partitions every MoE block's forward,
+from its attention to its end, into N parts (a fixed partition, no plan needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lancet.app.compile_progress import compile_progress
+
+TORCH_COMPILE = "torch.compile"
+"""The executor label of ``eager-compiled``."""
+PART_PREFIX = "part-d"
+"""``part-dN``: every MoE block's forward, from its attention to its end, in N parts."""
+
+
+def is_part_variant(base: str) -> bool:
+    suffix = base[len(PART_PREFIX):]
+    return base.startswith(PART_PREFIX) and suffix.isdigit() and int(suffix) >= 2
+
+
+def block_partition_graph(train_step, tokens: torch.Tensor, targets: torch.Tensor, parts: int):
+    """The step with every MoE block's forward, from its first layer norm to its end, in ``parts`` parts."""
+    from lancet.capture.trace import capture_forward
+    from lancet.passes.partition.rewrite import PartitionDecisions, Region, partition_pass
+    from lancet.passes.partition.select import moe_blocks
+    from lancet.plan.plan import capture_partitioned_step
+
+    forward = capture_forward(train_step, tokens, targets)
+    regions = []
+    for block in moe_blocks(forward.graph):
+        names = [n.name for n in forward.graph.nodes
+                 if (n.meta.get("custom", {}).get("module", "") + ".").startswith(block + ".")]
+        regions.append(Region(names[0], names[-1], parts))
+    partitioned = partition_pass(forward, PartitionDecisions(regions), tokens.shape[0])
+    return capture_partitioned_step(train_step, partitioned, tokens, targets)
+
+
+@dataclass(slots=True)
+class VariantRunner:
+    """A variant's step function, what it runs under, and what its forward issues."""
+
+    step: Callable
+    forward_a2a: int
+    """All-to-alls the forward issues (the later ones of a step are the backward's)."""
+    executor: str | None
+    """``interpret``, ``compiled``, ``cudagraph``, ``torch.compile``; None for ``eager``."""
+    note: str | None = None
+    """Why the executor differs from the one asked for (a step that cannot be graphed), if it does."""
+
+    def compile_report(self) -> dict | None:
+        report = getattr(self.step, "compile_report", None)
+        return None if report is None else report.to_json()
+
+
+def _captured_graph(base: str, session, plan, parts_prefix: str, plan_variants: tuple[str, ...]):
+    batch = session.batch(0)
+    if base in plan_variants:
+        from lancet.plan.plan import build_step_graph
+
+        return build_step_graph(session.train_step, *batch, plan, base)
+    if base.startswith(parts_prefix):
+        from lancet.plan.plan import tutel_graph
+
+        return tutel_graph(session.train_step, *batch, int(base[len(parts_prefix):]))
+    if is_part_variant(base):
+        return block_partition_graph(session.train_step, *batch, int(base[len(PART_PREFIX):]))
+    from lancet.capture.trace import capture_step
+
+    return capture_step(session.train_step, *batch)
+
+
+def build_runner(base: str, executor: str | None, session, plan, *, parts_prefix: str,
+                 plan_variants: tuple[str, ...], functions: dict | None = None) -> VariantRunner:
+    """The runner of graph variant ``base`` under ``executor`` (None: the default for its graph and device).
+
+    ``functions``: compiled regions shared between the variants of one bench (see ``make_executor``).
+    """
+    from lancet.moe import MoELayer
+
+    layers = [m for m in session.train_step.model.modules() if isinstance(m, MoELayer)]
+    eager_a2a = sum(layer.forward_all_to_alls for layer in layers)  # counts (ragged), dispatch, combine
+    if base == "eager":
+        return VariantRunner(session.train_step, eager_a2a, None)
+    if base == "eager-compiled":
+        return VariantRunner(torch.compile(session.train_step.__call__), eager_a2a, TORCH_COMPILE)
+    from lancet.graph.analysis import analyze
+    from lancet.runtime.executor import make_executor
+
+    train_graph = _captured_graph(base, session, plan, parts_prefix, plan_variants)
+    forward_a2a = len(analyze(train_graph).collectives_of("all_to_all", "forward"))
+    label = base if executor is None else f"{base}:{executor}"
+    runner = make_executor(train_graph, executor, progress=compile_progress(session.runtime.is_main, label),
+                           functions=functions)
+    return VariantRunner(runner, forward_a2a, runner.kind, runner.note)

@@ -1,0 +1,131 @@
+"""Replay each phase of a step program as a CUDA graph, collectives included.
+
+A step can be graphed only when nothing in it needs the host: no host sync, no
+host wait, no asynchronous copy to the host, no data-dependent size (the ragged
+dispatch reads split sizes on the host). ``graph_blockers`` names what stands in
+the way.
+
+Capture (``GraphedPhase``): after warm-up steps on a side stream (Inductor has
+compiled and autotuned, NCCL communicators exist), each phase is captured once
+into a ``torch.cuda.CUDAGraph``; the phases share one memory pool, so the
+forward's outputs that the backward reads stay where the backward graph expects
+them. Each collective's start and its wait lie in the same phase, so in the same
+graph. Inputs that live at fixed addresses (parameters, updated in place by the
+optimizer; outputs of an earlier phase's graph) are read where they are; every
+other input (the batch) is copied into a buffer the graph owns before each
+replay. Outputs are tensors the graph owns: the next replay overwrites them, so
+the caller consumes them (the optimizer applies the gradients) before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import fx
+
+from lancet.graph.regions import TO_HOST_OPS, first_backward_node, is_dynamic
+from lancet.graph.roles import Role, node_role, wait_of
+
+
+class GraphCaptureError(RuntimeError):
+    """The step cannot be captured as CUDA graphs; the message names the node that needs the host."""
+
+
+def _describe(node: fx.Node, what: str) -> str:
+    module = node.meta.get("custom", {}).get("module")
+    return f"{what} {node.name} ({node.target}{f', module {module}' if module else ''})"
+
+
+def graph_blockers(graph: fx.Graph) -> list[str]:
+    """Why ``graph`` cannot be replayed as CUDA graphs: one line per node that needs the host, or per
+    collective awaited in another phase than it starts in (phases are captured apart) ([] if none)."""
+    blockers = []
+    first = first_backward_node(graph)
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    cut = position[first] if first is not None else len(position)
+    for node in graph.nodes:
+        role = node_role(node)
+        if role == Role.HOST_SYNC:
+            blockers.append(_describe(node, "host sync"))
+        elif role == Role.HOST_WAIT:
+            blockers.append(_describe(node, "host wait"))
+        elif str(node.target) in TO_HOST_OPS:
+            blockers.append(_describe(node, "copy to the host"))
+        elif role == Role.COMM_START and is_dynamic(node):
+            blockers.append(_describe(node, "collective with data-dependent sizes"))
+        if role == Role.COMM_START and (position[node] < cut) != (position[wait_of(node)] < cut):
+            blockers.append(_describe(node, "collective awaited in the other phase:"))
+    return blockers
+
+
+def why_not_graphed(graph: fx.Graph, device: torch.device) -> str | None:
+    """A one-line reason the step cannot run as CUDA graphs on ``device``, or None when it can."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device; this step runs on {device.type}"
+    blockers = graph_blockers(graph)
+    if not blockers:
+        return None
+    more = f" (and {len(blockers) - 1} more)" if len(blockers) > 1 else ""
+    return f"the step waits for the host at {blockers[0]}{more}"
+
+
+def _storage(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+class GraphedPhase:
+    """One phase of a program, captured on its first call and replayed on every later call.
+
+    ``fixed`` holds the storage addresses of inputs that stay put between calls;
+    inputs elsewhere are copied into graph-owned buffers on every replay.
+    """
+
+    def __init__(self, run: Callable, pool, fixed: set[int]) -> None:
+        self.run = run
+        self.pool = pool
+        self.fixed = fixed
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list = []
+        self.copied: list[int] = []
+        self.outputs = None
+
+    def __call__(self, *args):
+        if self.graph is None:
+            self._capture(args)
+        for i in self.copied:
+            self.inputs[i].copy_(args[i])
+        self.graph.replay()
+        return self.outputs
+
+    def _capture(self, args: tuple) -> None:
+        self.inputs = list(args)
+        for i, arg in enumerate(args):
+            if isinstance(arg, torch.Tensor) and _storage(arg) not in self.fixed:
+                self.inputs[i] = arg.clone()
+                self.copied.append(i)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+            self.outputs = self.run(*self.inputs)
+        self.fixed.update(_storage(t) for t in _tensors(self.outputs))
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def warm_up_on_side_stream(run: Callable[[], object], side: torch.cuda.Stream) -> object:
+    """Run ``run()`` on the stream ``side`` (as capture needs: lazy initialisation off the capturing stream).
+
+    ``side`` first waits for the current stream (so it never overwrites memory that earlier work there
+    still reads); the current stream then waits for ``side`` (the results are ready where they are used).
+    """
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        result = run()
+    torch.cuda.current_stream().wait_stream(side)
+    return result

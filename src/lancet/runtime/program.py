@@ -1,0 +1,197 @@
+"""The step as a program of phases and regions: what the compiled and CUDA-graph executors run.
+
+``build_program`` turns a captured (and possibly rewritten) step graph into a
+two-level ``fx.GraphModule``:
+
+- the top module calls one submodule per phase (``forward``, ``backward``;
+  ``torch.fx.passes.split_module`` cuts the graph at its first backward node),
+  so each phase can be timed, marked in a profile and captured as its own CUDA
+  graph;
+- inside a phase, every compute region that ``lancet.graph.regions`` marks for
+  compilation is one call (``torch.fx.passes.utils.fuser_utils.fuse_as_graphmodule``
+  moves its nodes into a submodule, called where its last node was); collectives,
+  their waits, host copies and host waits, and the regions that are not compiled
+  stay as they were, in the order the plan gave them. (Not ``fuse_by_partitions``:
+  it re-sorts the whole graph afterwards, and in some torch versions with a
+  topological sort that does not keep the order of independent nodes, which is
+  the schedule.)
+
+Contract: the program computes what the graph computes; the boundary nodes keep
+their relative order and each collective's window holds exactly the compute
+nodes it held in the graph (regions never hold a boundary, and a region is a run
+of consecutive nodes, so it sits where its nodes were). The source graph is not
+changed; ``build_program`` checks that the program runs the source graph's nodes
+in the source graph's order and raises otherwise.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.split_module import split_module
+from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
+
+from lancet.capture.trace import TrainGraph
+from lancet.graph.regions import MIN_KERNELS, Region, cut_regions, first_backward_node
+from lancet.step.train_step import PHASE_ANNOTATION
+
+REGION_PREFIX = "region_"
+
+
+REGION_ANNOTATION = "lancet/region/{index}"
+"""``torch.profiler.record_function`` name of each compiled region's call."""
+
+
+class RegionCall(nn.Module):
+    """One compiled region as called from its phase; ``impl`` runs it (the traced module until compiled).
+
+    Each call is a profiler range (``lancet/region/<index>``): traces show which region launched
+    which kernels, and ``lancet.runtime.record`` reads the order regions ran in.
+    """
+
+    def __init__(self, region: Region, module: fx.GraphModule) -> None:
+        super().__init__()
+        self.region = region
+        self.module = module
+        self.impl = module.forward
+        self.annotation = REGION_ANNOTATION.format(index=region.index)
+
+    def forward(self, *args):
+        with torch.profiler.record_function(self.annotation):
+            return self.impl(*args)
+
+
+class PhaseCall(nn.Module):
+    """One phase as called from the top module: a profiler range around ``impl`` (the phase module by default)."""
+
+    def __init__(self, phase: str, module: fx.GraphModule) -> None:
+        super().__init__()
+        self.phase = phase
+        self.module = module
+        self.impl = module.forward
+        self.annotation = PHASE_ANNOTATION.format(phase=phase)
+
+    def forward(self, *args):
+        with torch.profiler.record_function(self.annotation):
+            return self.impl(*args)
+
+
+@dataclass(slots=True)
+class StepProgram:
+    """A step graph as phases of regions; ``top`` takes the graph's inputs and returns its outputs."""
+
+    top: fx.GraphModule
+    regions: list[Region]
+    """Every region of the source graph (compiled or not), in graph order."""
+    calls: dict[int, RegionCall] = field(default_factory=dict)
+    """Region index -> its call, for the regions that are compiled."""
+    phases: list[PhaseCall] = field(default_factory=list)
+
+    def __call__(self, *inputs):
+        return self.top(*inputs)
+
+
+def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
+    """A new module over a copy of ``gm``'s graph (node meta shared shallowly) and the node map."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    return fx.GraphModule(gm, graph), env
+
+
+def _fuse(gm: fx.GraphModule, nodes: list[fx.Node], name: str) -> fx.Node:
+    """Move ``nodes`` (consecutive, in order) into submodule ``name``, called where the last of them was."""
+    module, inputs, outputs = fuse_as_graphmodule(gm, nodes, name, always_return_tuple=True)
+    gm.add_submodule(name, module)
+    inside = set(nodes)
+    with gm.graph.inserting_after(nodes[-1]):
+        call = gm.graph.call_module(name, args=inputs)
+    anchor = call
+    for i, output in enumerate(outputs):
+        with gm.graph.inserting_after(anchor):
+            anchor = gm.graph.call_function(operator.getitem, (call, i))
+        output.replace_all_uses_with(anchor, delete_user_cb=lambda user: user not in inside)
+    for node in reversed(nodes):
+        gm.graph.erase_node(node)
+    return call
+
+
+def _fuse_regions(gm: fx.GraphModule, regions: list[Region], env: dict[fx.Node, fx.Node]) -> dict[int, RegionCall]:
+    """Move each compiled region into a submodule called where its nodes were; returns the calls by region index."""
+    calls: dict[int, RegionCall] = {}
+    for region in (r for r in regions if r.compiled):
+        name = f"{REGION_PREFIX}{region.index}"
+        node = _fuse(gm, [env[n] for n in region.nodes], name)
+        node.meta["custom"] = {"phase": region.phase}
+        calls[region.index] = RegionCall(region, getattr(gm, name))
+        setattr(gm, name, calls[region.index])
+    gm.graph.lint()
+    gm.recompile()
+    return calls
+
+
+def _phase_split(gm: fx.GraphModule, first_backward: fx.Node | None) -> tuple[fx.GraphModule, list[PhaseCall]]:
+    """Cut ``gm`` before ``first_backward`` into a forward and a backward submodule (one ``step`` if None)."""
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    cut = position[first_backward] if first_backward is not None else len(position)
+    names = ("forward", "backward") if first_backward is not None else ("step",)
+    top = split_module(gm, gm, lambda node: 0 if position[node] < cut else 1, keep_original_order=True,
+                       keep_original_node_name=True)
+    phases = []
+    for node in top.graph.nodes:
+        if node.op == "call_module":
+            index = int(str(node.target).removeprefix("submod_"))
+            call = PhaseCall(names[index], getattr(top, node.target))
+            setattr(top, node.target, call)
+            phases.append(call)
+    return top, phases
+
+
+def build_program(train_graph: TrainGraph, *, fuse: bool = True, min_kernels: int = MIN_KERNELS) -> StepProgram:
+    """The program of ``train_graph``: phases, and (with ``fuse``) its compiled regions as calls.
+
+    The regions' calls run their traced modules until an executor sets their
+    ``impl`` to a compiled function.
+    """
+    regions = cut_regions(train_graph.graph, min_kernels)
+    gm, env = _copy(train_graph.gm)
+    first = first_backward_node(train_graph.graph)
+    calls = _fuse_regions(gm, regions, env) if fuse else {}
+    cut_node = None
+    if first is not None:  # the first backward node, or the call of the region that starts with it
+        region = next((r for r in regions if r.nodes[0] is first), None)
+        cut_node = env[first] if region is None or region.index not in calls else next(
+            n for n in gm.graph.nodes if n.op == "call_module" and getattr(gm, n.target) is calls[region.index])
+    top, phases = _phase_split(gm, cut_node)
+    program = StepProgram(top=top, regions=regions, calls=calls, phases=phases)
+    if program_order(program) != [n.name for n in train_graph.graph.nodes if n.op == "call_function"]:
+        raise RuntimeError(f"building the step program changed the order of the graph's nodes (torch "
+                           f"{torch.__version__}); the schedule would not be kept")
+    return program
+
+
+def program_order(program: StepProgram) -> list[str]:
+    """Names of the source graph's nodes in the order the program runs them (a region: its nodes in order).
+
+    Equal to the source graph's order of call_function nodes: compiling changes what runs inside a
+    region, never where a region, a collective or a wait runs.
+    """
+    names: list[str] = []
+    for phase in program.phases:
+        module = phase.module
+        for node in module.graph.nodes:
+            target = getattr(module, node.target) if node.op == "call_module" else None
+            if isinstance(target, RegionCall):
+                names.extend(target.region.names)
+            elif node.op == "call_function" and not _is_region_output(module, node):
+                names.append(node.name)
+    return names
+
+
+def _is_region_output(module: fx.GraphModule, node: fx.Node) -> bool:
+    source = node.args[0] if node.args else None
+    return (isinstance(source, fx.Node) and source.op == "call_module"
+            and isinstance(getattr(module, source.target), RegionCall))

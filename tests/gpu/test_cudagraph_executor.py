@@ -1,0 +1,145 @@
+"""CUDA-graph replay of a compiled step equals the compiled step; a step that needs the host says which node.
+
+One GPU, one NCCL rank (the collectives are real NCCL calls captured into the graphs).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
+from torch import nn
+
+from lancet.app.data import BatchSource
+from lancet.capture.trace import capture_step
+from lancet.measure.phases import phase_metrics
+from lancet.measure.trace_metrics import profile_steps
+from lancet.models import build_model, model_config
+from lancet.moe import GateConfig
+from lancet.runtime.cudagraph import why_not_graphed
+from lancet.runtime.executor import default_executor, make_executor
+from lancet.step.train_step import TrainStep
+
+STEPS = 4
+# fp32; the same compiled kernels run with and without graphs.
+RTOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def group():
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("nccl", init_method=f"file://{os.path.join(tmp, 'store')}", rank=0, world_size=1,
+                                device_id=device)
+        yield dist.group.WORLD
+        dist.destroy_process_group()
+
+
+@dataclass
+class _Output:
+    logits_BSV: torch.Tensor
+    keep: list = field(default_factory=list)
+
+
+class _DenseModel(nn.Module):
+    """Embedding, a residual MLP whose output is all-reduced (a real collective in the graph), a head."""
+
+    def __init__(self, group, vocab: int = 97, width: int = 64) -> None:
+        super().__init__()
+        self.group = group
+        self.embed = nn.Embedding(vocab, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, tokens_BS):
+        x_BSM = self.embed(tokens_BS)
+        x_BSM = x_BSM + funcol.all_reduce(self.mlp(x_BSM), "sum", self.group)
+        return _Output(self.head(x_BSM))
+
+    @staticmethod
+    def loss(out: _Output, targets_BS):
+        return F.cross_entropy(out.logits_BSV.flatten(0, 1), targets_BS.flatten())
+
+
+def _batches(vocab: int, batch: int = 4, seq: int = 16):
+    source = BatchSource(batch_size=batch, seq_len=seq, vocab_size=vocab, seed=1)
+    return [tuple(t.cuda() for t in source.batch(s, 0)) for s in range(STEPS)]
+
+
+def _run(executor, params, batches) -> list:
+    """STEPS steps with an in-place SGD update between them; (loss, grads) of each step, copied."""
+    out = []
+    for tokens, targets in batches:
+        result = executor(params, tokens, targets)
+        out.append((result.loss.clone(), [g.clone() for g in result.grads]))
+        with torch.no_grad():
+            for p, g in zip(params, result.grads):
+                p.sub_(0.1 * g)
+    return out
+
+
+def _relative(a, b) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def _compare_graph_to_compiled(step: TrainStep, batches) -> None:
+    graph = capture_step(step, *batches[0])
+    assert why_not_graphed(graph.graph, graph.device) is None
+    assert default_executor(graph, graph.device) == "cudagraph"
+    compiled = make_executor(graph, "compiled")
+    graphed = make_executor(graph, "cudagraph")
+    assert graphed.kind == "cudagraph" and graphed.note is None
+    start = [p.detach().clone() for p in step.parameters()]
+    want = _run(compiled, [p.clone() for p in start], batches)
+    got = _run(graphed, [p.clone() for p in start], batches)
+    for s, ((gl, gg), (wl, wg)) in enumerate(zip(got, want)):
+        assert _relative(gl, wl) < RTOL, f"step {s}: loss"
+        assert all(_relative(g, w) < RTOL for g, w in zip(gg, wg)), f"step {s}: gradients"
+    assert graphed.steps == STEPS and all(phase.impl.graph is not None for phase in graphed.program.phases)
+
+
+def test_cudagraph_equals_compiled_on_a_dense_step_with_a_collective(group):
+    torch.manual_seed(0)
+    step = TrainStep(_DenseModel(group).cuda(), group)
+    _compare_graph_to_compiled(step, _batches(97))
+
+
+def test_cudagraph_equals_compiled_on_a_small_moe_model_when_sync_free(group):
+    cfg = model_config("gpt2_moe_nl2_m64_nh4_sl16_b4", vocab_size=97, gate=GateConfig(kind="switch"))
+    step = TrainStep(build_model(cfg, group, device=torch.device("cuda", 0)), group)
+    batches = _batches(97, 4, 16)
+    reason = why_not_graphed(capture_step(step, *batches[0]).graph, torch.device("cuda", 0))
+    if reason is not None:
+        pytest.skip(f"the switch gate's dispatch is not sync-free in this build: {reason}")
+    _compare_graph_to_compiled(step, batches)
+
+
+def test_ragged_step_runs_compiled_and_names_the_host_wait(group):
+    cfg = model_config("gpt2_moe_nl2_m64_nh4_sl16_b4", vocab_size=97, gate=GateConfig(kind="topk", topk=2))
+    step = TrainStep(build_model(cfg, group, device=torch.device("cuda", 0)), group)
+    batches = _batches(97, 4, 16)
+    graph = capture_step(step, *batches[0])
+    executor = make_executor(graph, "cudagraph")
+    assert executor.kind == "compiled" and default_executor(graph, graph.device) == "compiled"
+    assert "host wait host_wait" in executor.note and "running compiled without graphs" in executor.note
+    executor(step.parameters(), *batches[0])
+
+
+def test_phase_idle_is_measured_on_graph_replays(group, tmp_path):
+    torch.manual_seed(0)
+    step = TrainStep(_DenseModel(group).cuda(), group)
+    batches = _batches(97)
+    graphed = make_executor(capture_step(step, *batches[0]), "cudagraph")
+    params = step.parameters()
+    trace = profile_steps(lambda i: graphed(params, *batches[i % STEPS]), steps=2, warmup=3,
+                          device=torch.device("cuda", 0), trace_path=tmp_path / "trace.json")
+    metrics = phase_metrics(trace)
+    assert metrics["forward_gpu_ms"] > 0 and metrics["backward_gpu_ms"] > 0
+    assert 0 <= metrics["forward_idle_ms"] <= metrics["forward_gpu_ms"]

@@ -1,0 +1,96 @@
+"""Executor options: variant names with executors, refusals before any rank starts, phase idle from traces."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lancet.app import cli
+from lancet.app.bench import BenchOptions, is_known_variant, split_variant
+from lancet.measure.phases import phase_metrics
+from lancet.measure.trace_metrics import STEP_ANNOTATION
+from lancet.runtime.executor import ExecutorConfig, ExecutorError, check_executor_device
+
+needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+
+
+def test_variant_names_with_executors():
+    assert split_variant("captured:compiled") == ("captured", "compiled")
+    assert split_variant("tutel-d2") == ("tutel-d2", None)
+    for name in ("eager", "eager-compiled", "captured:interpret", "tutel-d4:cudagraph", "lancet-dw:compiled",
+                 "part-d2:compiled"):
+        assert is_known_variant(name)
+    for name in ("eager:compiled", "captured:fast", "captured:", "tutel-d0:compiled", "part-d1"):
+        assert not is_known_variant(name)
+    with pytest.raises(ValueError, match="need --plan"):
+        BenchOptions(variants=["lancet:compiled"]).validate()
+
+
+def test_executor_config_is_checked():
+    with pytest.raises(ValueError, match="unknown executor 'jit'"):
+        ExecutorConfig(kind="jit")
+    with pytest.raises(ExecutorError, match="needs a CUDA device; this run is on cpu"):
+        check_executor_device("cudagraph", "cpu")
+    check_executor_device("compiled", "cpu")
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("ranks were launched despite bad input")
+
+    monkeypatch.setattr(cli, "launch", fail)
+
+
+@needs_cpu_only
+@pytest.mark.parametrize("argv", [
+    ["train", "--executor", "cudagraph"],
+    ["bench", "--executor", "cudagraph", "--variants", "eager,captured"],
+    ["bench", "--variants", "eager,captured:cudagraph"],
+    ["profile", "--executor", "cudagraph", "--out", "p.json"],
+])
+def test_cudagraph_is_refused_without_cuda(no_launch, capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "cudagraph executor replays CUDA graphs and needs a CUDA device" in err and "Traceback" not in err
+
+
+def test_executor_with_eager_mode_is_refused(no_launch, capsys):
+    assert cli.main(["train", "--mode", "eager", "--executor", "compiled"]) == 2
+    assert "runs the captured graph; leave out --mode eager" in capsys.readouterr().err
+
+
+def _event(name, ts, dur, cat, **args):
+    return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": 1, "args": args}
+
+
+def test_phase_idle_time_from_kernels_launched_in_each_phase():
+    """Forward kernels [10,20] [25,40] (idle 5 of 30); backward [50,60] [80,100] (idle 20 of 50)."""
+    events = [
+        _event(STEP_ANNOTATION, 0, 200, "user_annotation"),
+        _event("lancet/forward", 1, 20, "user_annotation"),
+        _event("lancet/backward", 30, 30, "user_annotation"),
+    ]
+    kernels = [(2, 10, 10), (3, 25, 15), (35, 50, 10), (40, 80, 20)]  # (launch ts, start, duration)
+    for i, (launch, start, duration) in enumerate(kernels):
+        events.append(_event("cudaLaunchKernel", launch, 1, "cuda_runtime", correlation=i))
+        events.append(_event(f"kernel{i}", start, duration, "kernel", correlation=i, device=0, stream=7))
+    metrics = phase_metrics({"traceEvents": events})
+    assert metrics["forward_gpu_ms"] == pytest.approx(0.030) and metrics["forward_idle_ms"] == pytest.approx(0.005)
+    assert metrics["backward_gpu_ms"] == pytest.approx(0.050) and metrics["backward_idle_ms"] == pytest.approx(0.020)
+    assert metrics["step_idle_ms"] == pytest.approx((90 - 55) / 1e3)
+    assert phase_metrics({"traceEvents": events[:3]}) == {}  # no kernels: a CPU trace
+
+
+def test_compile_progress_away_from_a_terminal_prints_a_few_lines_and_the_report(capsys):
+    from lancet.app.compile_progress import _Lines
+    from lancet.runtime.compile import CompileEvent
+
+    progress = _Lines("compile")
+    for done in range(1, 41):
+        progress(CompileEvent(done, 40, done, "forward", 45.0 if done == 7 else 0.5, done > 20,
+                              "40 of 60 regions compiled" if done == 40 else None))
+    lines = capsys.readouterr().out.splitlines()
+    assert 10 <= len(lines) <= 13  # one per tenth, the slow region, and the report
+    assert any("forward region 7: 45.0 s" in line for line in lines)
+    assert lines[-1] == "compile: 40 of 60 regions compiled"
