@@ -10,7 +10,8 @@ import argparse
 import sys
 
 from lancet.app.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
-from lancet.runtime.dist import NETWORK_ENV, RankFailed, launch, planned_world_size
+from lancet.runtime.dist import NETWORK_ENV, RankFailed, launch, planned_world_size, under_torchrun
+from lancet.runtime.emulation import DEFAULT_SMS
 from lancet.moe import GATE_KINDS
 
 
@@ -41,6 +42,11 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=None, help="local ranks to launch (default: all GPUs, or 2 CPU ranks)")
     parser.add_argument("--gc-every", type=int, default=10,
                         help="Python garbage collection every N steps, between timed steps (automatic collection is off)")
+    parser.add_argument("--emulate", default=None, metavar="W:REGIME",
+                        help="run rank 0 of a W-rank job on this one device, every collective a stand-in timed by "
+                             "REGIME (nvlink, ib400, ib100, eth, or a `lancet profile-comm` JSON)")
+    parser.add_argument("--emulate-sms", type=int, default=DEFAULT_SMS,
+                        help="SMs a GPU stand-in collective keeps busy for its whole transfer")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -65,8 +71,10 @@ def run_config(args: argparse.Namespace, **extra) -> RunConfig:
         data=args.data,
         seed=args.seed,
         network=args.network,
-        nproc=args.nproc,
+        nproc=args.nproc if args.emulate is None or args.nproc is not None else 1,
         gc_every=args.gc_every,
+        emulate=args.emulate,
+        emulate_sms=args.emulate_sms,
     )
     fields.update(extra)
     return RunConfig(**fields)
@@ -75,7 +83,10 @@ def run_config(args: argparse.Namespace, **extra) -> RunConfig:
 def checked(run: RunConfig) -> RunConfig:
     """Validate against the world size the command will have; raise UsageError on bad input."""
     try:
-        run.validate(planned_world_size(run.nproc))
+        emulation = run.emulation()
+        if emulation is not None and under_torchrun():
+            raise ValueError("--emulate runs one process by itself; start it without torchrun")
+        run.validate(emulation.world_size if emulation is not None else planned_world_size(run.nproc))
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     return run
@@ -165,9 +176,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         json_path=args.json,
         trace_dir=args.trace_dir,
         rounds=args.rounds,
+        measured=args.measured,
     )
     try:
         opts.validate()
+        if opts.measured is not None:
+            from lancet.app.emulation_report import load_measured
+
+            load_measured(opts.measured, run)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     launch(bench_worker, (run, opts), run.nproc)
@@ -244,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (0: no trace)")
     bench.add_argument("--json", default=None, help="write results as JSON")
     bench.add_argument("--trace-dir", default="lancet_traces", help="profiler traces, one folder per variant")
+    bench.add_argument("--measured", default=None,
+                       help="with --emulate: bench JSON of a real run of the same configuration, printed alongside")
     bench.set_defaults(func=cmd_bench)
 
     timeline = sub.add_parser("timeline", help="PNG of one step of a profiler trace or a predicted trace")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from lancet.plan.artifact import RunIdentity, device_description, gate_description
 from lancet.app.data import SYNTHETIC, resolve_corpus_path
 from lancet.runtime.dist import NETWORK_ENV
+from lancet.runtime.emulation import DEFAULT_SMS, EmulationSpec
 from lancet.models import GPT2MoEConfig, model_config
 from lancet.moe import GATE_KINDS, GateConfig
 
@@ -69,6 +70,23 @@ class RunConfig:
     nproc: int | None = None
     gc_every: int = 10
     """Python garbage collection runs every this many steps, outside the timed step (never inside one)."""
+    emulate: str | None = None
+    """``W:REGIME``: run rank 0 of a W-rank job in one process, every collective a stand-in priced by REGIME
+    (``lancet.runtime.emulation``)."""
+    emulate_sms: int = DEFAULT_SMS
+    """SMs a GPU stand-in collective keeps busy for its whole transfer."""
+
+    def emulation(self) -> EmulationSpec | None:
+        """The emulated job (None for a real run); ValueError/FileNotFoundError for a bad spec or regime."""
+        return None if self.emulate is None else EmulationSpec.parse(self.emulate, self.emulate_sms)
+
+    @property
+    def network_label(self) -> str:
+        """How tables name the network: the regime, ``native``, or the emulated job."""
+        if self.emulate is not None:
+            world, _, regime = self.emulate.partition(":")
+            return f"emulated {world} ranks on {regime} (one rank run, collectives are stand-ins)"
+        return f"network={self.network or 'native'}"
 
     def validate(self, world_size: int) -> GPT2MoEConfig:
         """Raise ValueError/FileNotFoundError for bad input; return the model config."""
@@ -88,6 +106,13 @@ class RunConfig:
             raise ValueError("--plan applies to the captured graph; use --mode captured")
         if self.network is not None and self.network not in NETWORK_ENV:
             raise ValueError(f"unknown network regime {self.network!r}; choose one of {', '.join(NETWORK_ENV)}")
+        emulation = self.emulation()
+        if emulation is not None and self.network is not None:
+            raise ValueError("--emulate models the network with its regime; leave --network out")
+        if emulation is not None and self.nproc not in (None, 1):
+            raise ValueError(f"--emulate runs one process (rank 0 of the emulated job); --nproc {self.nproc} given")
+        if emulation is not None and emulation.world_size != world_size:
+            raise ValueError(f"validated for {world_size} ranks, but --emulate asks for {emulation.world_size}")
         if self.data != SYNTHETIC:
             resolve_corpus_path(self.data)
             if cfg.vocab_size < 256:
@@ -106,12 +131,14 @@ class RunConfig:
         import torch
 
         cfg = self.spec.model_config()
+        emulation = self.emulation()
+        network = self.network if self.network not in (None, "nvlink") else "native"
         return RunIdentity(
             model=cfg.name,
             gate=gate_description(self.spec.gate, self.spec.topk, self.spec.capacity_factor),
             world_size=world_size,
             dtype=self.dtype,
             device=device_description(device),
-            network=self.network if self.network not in (None, "nvlink") else "native",
+            network=emulation.network if emulation is not None else network,
             torch_version=torch.__version__.split("+")[0],
         )

@@ -96,7 +96,7 @@ def _progress(console: Console) -> Progress:
 
 def train_worker(run: RunConfig) -> list[dict]:
     """Entry point of one rank; returns the per-step records (on every rank)."""
-    with rank_runtime(run.network) as runtime:
+    with rank_runtime(run.network, run.emulation()) as runtime:
         return _train(run, runtime)
 
 

@@ -11,11 +11,14 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
+
+if TYPE_CHECKING:
+    from lancet.runtime.emulation import EmulationSpec
 
 NETWORK_ENV: dict[str, dict[str, str]] = {
     "nvlink": {},
@@ -122,12 +125,19 @@ def abort_runtime() -> None:
 
 
 @contextlib.contextmanager
-def rank_runtime(network: str | None) -> Iterator[Runtime]:
+def rank_runtime(network: str | None, emulation: EmulationSpec | None = None) -> Iterator[Runtime]:
     """The body of every rank job: network regime set before NCCL starts, group up, torn down at the end.
 
     A rank that leaves on an exception does not wait for the others (a barrier there would hang the
-    job while another rank waits inside a collective): it aborts its group and re-raises.
+    job while another rank waits inside a collective): it aborts its group and re-raises. With
+    ``emulation``, this one process is rank 0 of an emulated job (``lancet.runtime.emulation``).
     """
+    if emulation is not None:
+        from lancet.runtime.emulation import emulated_runtime
+
+        with emulated_runtime(emulation) as runtime:
+            yield runtime
+        return
     if network is not None:
         apply_network_env(network)
     runtime = init_runtime()
