@@ -83,9 +83,11 @@ class EmulatedProcessGroup(dist.ProcessGroup):
                 out.copy_(value)
         return _done(output_tensors)
 
-    def _allgather_base(self, output, input, opts=None):  # noqa: A002
+    def all_gather_single(self, output, input, opts=None):  # noqa: A002
         output.view(self.size(), *input.shape).copy_(input.unsqueeze(0).expand(self.size(), *input.shape))
         return _done([output])
+
+    _allgather_base = all_gather_single  # the name torch before 2.13 calls
 
     def barrier(self, opts=None):
         return _done(None)
