@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lancet.app.config import RunConfig
+from lancet.models import model_config
 
 
 class MeasuredMismatch(ValueError):
@@ -27,8 +28,9 @@ class MeasuredMismatch(ValueError):
 
 def _configuration(run: dict) -> dict:
     spec = run["spec"]
-    return {"model": spec["model"], "gate": spec["gate"], "topk": spec.get("topk"),
-            "capacity_factor": spec.get("capacity_factor"), "dtype": run["dtype"]}
+    return {"model": model_config(spec["model"]).name, "gate": spec["gate"], "topk": spec.get("topk"),
+            "capacity_factor": spec.get("capacity_factor"), "num_experts": spec.get("num_experts"),
+            "vocab_size": spec.get("vocab_size"), "dtype": run["dtype"]}
 
 
 def load_measured(path: str, run: RunConfig) -> dict:
