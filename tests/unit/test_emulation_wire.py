@@ -124,3 +124,29 @@ def test_host_lane_runs_transfers_in_order_and_overlaps_work_between_start_and_j
     assert clock.now == pytest.approx(100.050)
     lane.join(second)  # joining a finished transfer does not wait
     assert len(clock.slept) == 2
+
+
+def test_gpu_lane_spreads_the_copy_to_fit_the_hold():
+    from lancet.runtime.standin_cuda import MAX_COPY_PROGRAMS, CudaLane
+
+    lane = object.__new__(CudaLane)  # the sizing logic only; no device
+    lane.bytes_per_ms_per_program, lane.overruns = 8e6, 0  # 8 GB/s per program
+    assert lane.copy_programs(8_000_000, hold_ms=4.0) == 1  # 1 ms on one program, half the hold is 2 ms
+    assert lane.copy_programs(64_000_000, hold_ms=4.0) == 4
+    assert lane.copy_programs(0, hold_ms=0.0) == 1
+    assert lane.overruns == 0
+    with pytest.warns(UserWarning, match="longer than the wire"):
+        assert lane.copy_programs(10**9, hold_ms=1.0) == MAX_COPY_PROGRAMS
+    assert lane.overruns == 1
+
+
+def test_gpu_lane_copies_raw_words_when_it_can():
+    from lancet.runtime.standin_cuda import _flat_pair
+
+    src, dst = torch.zeros(3, 2, dtype=torch.bfloat16), torch.empty(3, 2, dtype=torch.bfloat16)
+    assert [t.dtype for t in _flat_pair(src, dst, scaled=False)] == [torch.int32, torch.int32]
+    assert [t.dtype for t in _flat_pair(src, dst, scaled=True)] == [torch.bfloat16, torch.bfloat16]
+    odd = torch.zeros(3, dtype=torch.bfloat16)
+    assert _flat_pair(odd, odd.clone(), scaled=False)[0].dtype == torch.uint8
+    with pytest.raises(ValueError, match="contiguous"):
+        _flat_pair(src.t(), dst, scaled=False)

@@ -24,31 +24,34 @@ import warnings
 import torch
 from torch import Tensor
 
-from lancet.runtime import standin_kernel
-
 COPY_SHARE = 0.5
 MAX_COPY_PROGRAMS = 32
 _CALIBRATION_BYTES = 64 * 2**20
 _CALIBRATION_PROGRAMS = 4
 
 
-def _flat(tensor: Tensor, scaled: bool) -> Tensor:
-    """The tensor as one contiguous run of elements: as 32-bit words when it is copied raw and can be."""
-    if not tensor.is_contiguous():
+def _flat_pair(src: Tensor, dst: Tensor, scaled: bool) -> tuple[Tensor, Tensor]:
+    """Both tensors as runs of elements: their own dtype when scaled, else raw bytes, as 32-bit words when both can."""
+    if not (src.is_contiguous() and dst.is_contiguous()):
         raise ValueError("stand-in collectives need contiguous tensors")
-    flat = tensor.reshape(-1)
-    if scaled or flat.numel() == 0:
-        return flat
-    raw = flat.view(torch.uint8)
-    if raw.numel() % 4 == 0 and raw.data_ptr() % 4 == 0:
-        return raw.view(torch.int32)
-    return raw
+    if src.numel() != dst.numel():
+        raise ValueError(f"stand-in transfer of {src.numel()} elements into {dst.numel()}")
+    flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
+    if scaled or flat_src.numel() == 0:
+        return flat_src, flat_dst
+    raw_src, raw_dst = flat_src.view(torch.uint8), flat_dst.view(torch.uint8)
+    if raw_src.numel() % 4 == 0 and raw_src.data_ptr() % 4 == 0 and raw_dst.data_ptr() % 4 == 0:
+        return raw_src.view(torch.int32), raw_dst.view(torch.int32)
+    return raw_src, raw_dst
 
 
 class CudaLane:
     """Transfers on one communication stream of ``device``, each holding ``sms`` SMs for its wire time."""
 
     def __init__(self, device: torch.device, sms: int) -> None:
+        from lancet.runtime import standin_kernel  # Triton: imported where a GPU is
+
+        self._kernels = standin_kernel
         self.device = device
         self.sms = sms
         self.stream = torch.cuda.Stream(device)
@@ -57,7 +60,7 @@ class CudaLane:
         self.bytes_per_ms_per_program = self._calibrate()
 
     def _launch(self, src: Tensor, dst: Tensor, hold_ms: float, kind: str, scale: int | None, copy_programs: int):
-        flat_src, flat_dst = _flat(src, scale is not None), _flat(dst, scale is not None)
+        flat_src, flat_dst = _flat_pair(src, dst, scale is not None)
         if flat_src.numel() == 0:  # a hold without payload still needs valid pointers
             flat_src = flat_dst = self._scratch
             n = 0
@@ -66,9 +69,9 @@ class CudaLane:
         if n >= 2**31:
             raise ValueError(f"stand-in payload of {n} elements is beyond the kernel's 32-bit indexing")
         grid = (max(copy_programs, self.sms),)
-        standin_kernel.KERNELS[kind][grid](
+        self._kernels.KERNELS[kind][grid](
             flat_src, flat_dst, n, scale if scale is not None else 1, int(hold_ms * 1e6), copy_programs, self.sms,
-            SCALE=scale is not None and scale != 1, BLOCK=standin_kernel.BLOCK,
+            SCALE=scale is not None and scale != 1, BLOCK=self._kernels.BLOCK,
         )
 
     def _calibrate(self) -> float:
