@@ -13,7 +13,7 @@
 #   WORLDS   ["4 8"]            REGIMES ["ib100 ib400"] (shipped names or profile-comm JSON paths)
 #   VARIANTS ["eager,captured,tutel-d2,tutel-d4,lancet-dw,lancet-part,lancet"]
 #   GATE [switch]  DTYPE [bf16]  STEPS [8]  WARMUP [2]  ROUNDS [1]  PROFILE_STEPS [1]  PASSES [2]  REPS [3]
-#   SMS [4] (--emulate-sms)  SELFTEST [1] (tests/gpu/test_emulation_cuda.py first)  COMM_MAX_BYTES (profile-comm sweep)
+#   SMS [the regime's] (--emulate-sms)  SELFTEST [1] (tests/gpu/test_emulation_cuda.py first)  COMM_MAX_BYTES (profile-comm sweep)
 #   BUDGET_S [560] or DEADLINE (epoch seconds): no step starts when fewer than NEED_S [120] seconds are left
 #   OUT [out] (set by the GPU machine): results in $OUT/emulated/, logs in $OUT/emulated/log.txt
 #   MEASURED_DIR [docs/data]: measured_<model>_w<W>_<regime>.json there is printed beside the emulated bench
@@ -47,7 +47,7 @@ done_or_run() {
     echo "### rc=$rc" | tee -a "$LOG"
     return $rc
 }
-emulate() { echo "--emulate $1:$2 --emulate-sms ${SMS:-4}"; }
+emulate() { echo "--emulate $1:$2${SMS:+ --emulate-sms $SMS}"; }
 
 if [ "${SELFTEST:-1}" = 1 ]; then
     done_or_run "$D/selftest.ok" bash -c "python3 -m pytest -q -p no:cacheprovider tests/gpu/test_emulation_cuda.py && touch $D/selftest.ok" \
@@ -89,5 +89,5 @@ for f in "$D"/bench_*.json; do
     [ -e "$f" ] || continue
     echo; echo "### $(basename "$f")"; python3 scripts/bench_markdown.py "$f"
 done | tee -a "$LOG"
-echo; echo "## plan vs best tutel-dN (emulated)" | tee -a "$LOG"
+echo; echo "## the emulated wire (profile-comm of the stand-ins), plan vs best tutel-dN" | tee -a "$LOG"
 python3 -m lancet.app.emulation_report "$D" 2>&1 | tee -a "$LOG"

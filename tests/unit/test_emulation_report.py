@@ -40,3 +40,12 @@ def test_run_3_is_printed_beside_an_emulated_bench():
     assert "134.00" in text and "0.900" in text  # run 3's lancet row, and 120.6 / 134.0
     assert "tutel-d16" not in text  # only variants both runs have
     assert "transcribed from docs/results.md, run 3" in text
+
+
+def test_the_emulated_wire_beside_the_regimes_measurement():
+    from lancet.app.emulation_report import wire_markdown
+
+    document = {"identity": {"world_size": 4, "network": "emulated:ib100"},
+                "comm": {"curves": {"all_to_all": [[float(64 * 2**20), 4.2]]}, "contention": 1.3, "issue_ms": 0.05}}
+    line = wire_markdown([document]).splitlines()[-1]
+    assert line == "| 4 | emulated:ib100 | 4.200 | 4.070 | 1.300 | 1.240 | 0.050 |"

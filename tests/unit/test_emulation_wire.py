@@ -8,7 +8,7 @@ import torch
 from lancet.cost.comm import CommProfile, PiecewiseLinear
 from lancet.cost.wire import Wire
 from lancet.plan.artifact import RunIdentity, write_artifact
-from lancet.runtime.emulation import EmulationSpec
+from lancet.runtime.emulation import DEFAULT_SMS, EmulationSpec
 from lancet.runtime.regimes import SHIPPED_REGIMES, load_regime
 from lancet.runtime.standin import CpuLane, mirrored_splits
 from tests.emulation import MiB
@@ -81,9 +81,11 @@ def test_bad_emulate_specs_are_refused(text):
 
 
 def test_emulate_spec():
-    spec = EmulationSpec.parse("8:ib400", sms=2)
-    assert (spec.world_size, spec.regime.name, spec.sms, spec.label) == (8, "ib400", 2, "8:ib400")
+    spec = EmulationSpec.parse("8:ib400", sms=3)
+    assert (spec.world_size, spec.regime.name, spec.sms, spec.label) == (8, "ib400", 3, "8:ib400")
     assert spec.network == "emulated:ib400"
+    # SMs: NCCL's channels under the regime where known (1 and 2 for the ib regimes), else the default
+    assert [EmulationSpec.parse(f"4:{n}").sms for n in ("ib100", "ib400", "nvlink")] == [1, 2, DEFAULT_SMS]
 
 
 def test_mirrored_splits():

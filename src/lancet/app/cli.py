@@ -11,7 +11,6 @@ import sys
 
 from lancet.app.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
 from lancet.runtime.dist import NETWORK_ENV, RankFailed, launch, planned_world_size, under_torchrun
-from lancet.runtime.emulation import DEFAULT_SMS
 from lancet.moe import GATE_KINDS
 
 
@@ -45,8 +44,9 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emulate", default=None, metavar="W:REGIME",
                         help="run rank 0 of a W-rank job on this one device, every collective a stand-in timed by "
                              "REGIME (nvlink, ib400, ib100, eth, or a `lancet profile-comm` JSON)")
-    parser.add_argument("--emulate-sms", type=int, default=DEFAULT_SMS,
-                        help="SMs a GPU stand-in collective keeps busy for its whole transfer")
+    parser.add_argument("--emulate-sms", type=int, default=None,
+                        help="SMs a GPU stand-in collective keeps busy for its whole transfer (default: the regime's "
+                             "NCCL channels where known, 1 for ib100 and 2 for ib400; else 4)")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:

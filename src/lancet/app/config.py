@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from lancet.plan.artifact import RunIdentity, device_description, gate_description
 from lancet.app.data import SYNTHETIC, resolve_corpus_path
 from lancet.runtime.dist import NETWORK_ENV
-from lancet.runtime.emulation import DEFAULT_SMS, EmulationSpec
+from lancet.runtime.emulation import EmulationSpec
 from lancet.models import GPT2MoEConfig, model_config
 from lancet.moe import GATE_KINDS, GateConfig
 
@@ -73,8 +73,8 @@ class RunConfig:
     emulate: str | None = None
     """``W:REGIME``: run rank 0 of a W-rank job in one process, every collective a stand-in priced by REGIME
     (``lancet.runtime.emulation``)."""
-    emulate_sms: int = DEFAULT_SMS
-    """SMs a GPU stand-in collective keeps busy for its whole transfer."""
+    emulate_sms: int | None = None
+    """SMs a GPU stand-in collective keeps busy for its whole transfer (None: the regime's, else 4)."""
 
     def emulation(self) -> EmulationSpec | None:
         """The emulated job (None for a real run); ValueError/FileNotFoundError for a bad spec or regime."""

@@ -134,22 +134,55 @@ def summary_markdown(documents: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _bench_files(paths: list[str]) -> list[Path]:
+def wire_markdown(documents: list[dict]) -> str:
+    """What ``lancet profile-comm --emulate`` measured of the stand-ins, beside what the regime measured of NCCL."""
+    from lancet.runtime.regimes import SHIPPED_REGIMES, load_regime
+
+    head = ["W", "network", "all-to-all 64 MiB ms", "curve says", "compute slowdown beside it", "regime measured",
+            "issue ms"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for document in documents:
+        identity, comm = document["identity"], document["comm"]
+        name = identity["network"].removeprefix("emulated:")
+        regime = load_regime(name) if name in SHIPPED_REGIMES else None
+        measured = dict((x, y) for x, y in comm["curves"]["all_to_all"]).get(float(64 * 2**20))
+        curve = None
+        if regime is not None:
+            from lancet.cost.wire import Wire
+
+            world = identity["world_size"]
+            curve = Wire(regime.comm, regime.measured_world, world).all_to_all_ms(64 * 2**20 * (world - 1) / world)
+        cells = [str(identity["world_size"]), identity["network"], _cell(measured, "{:.3f}"), _cell(curve, "{:.3f}"),
+                 f"{comm['contention']:.3f}", _cell(regime.comm.contention if regime else None, "{:.3f}"),
+                 f"{comm['issue_ms']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _files(paths: list[str], pattern: str) -> list[Path]:
     files: list[Path] = []
     for path in map(Path, paths):
-        files.extend(sorted(path.glob("**/bench*.json")) if path.is_dir() else [path])
+        if path.is_dir():
+            files.extend(sorted(path.glob(f"**/{pattern}")))
+        elif path.match(pattern):
+            files.append(path)
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Plan vs best tutel-dN of bench JSON files, as a markdown table")
-    parser.add_argument("paths", nargs="+", help="bench JSON files, or folders searched for bench*.json")
+    parser = argparse.ArgumentParser(description="Markdown tables of emulated runs: plan vs best tutel-dN per bench, "
+                                                 "and the emulated wire per comm profile")
+    parser.add_argument("paths", nargs="+", help="bench*.json / comm*.json files, or folders searched for them")
     args = parser.parse_args(argv)
-    documents = [json.load(open(p)) for p in _bench_files(args.paths)]
-    if not documents:
-        print("no bench JSON found", file=sys.stderr)
+    benches = [json.load(open(p)) for p in _files(args.paths, "bench*.json")]
+    comms = [json.load(open(p)) for p in _files(args.paths, "comm*.json")]
+    if not benches and not comms:
+        print("no bench*.json or comm*.json found", file=sys.stderr)
         return 1
-    print(summary_markdown(documents))
+    if comms:
+        print(wire_markdown(comms) + "\n")
+    if benches:
+        print(summary_markdown(benches))
     return 0
 
 

@@ -33,7 +33,8 @@ from lancet.runtime.regimes import Regime, load_regime
 from lancet.runtime.standin import CpuLane, StandIns
 
 DEFAULT_SMS = 4
-"""Programs (SMs) a GPU stand-in keeps resident for a whole transfer, as NCCL's channel blocks are."""
+"""Programs (SMs) a GPU stand-in keeps resident for a whole transfer, as NCCL's channel blocks are, when
+neither ``--emulate-sms`` nor the regime (``standin_sms``: 1 for ib100, 2 for ib400) says."""
 
 EMULATED_SHARED_DIRECTIONS = 0.0
 """What ``lancet profile-comm`` records for an emulated wire's link-direction sharing: the stand-in prices
@@ -56,12 +57,18 @@ class EmulationSpec:
             raise ValueError(f"--emulate-sms must be >= 1, got {self.sms}")
 
     @classmethod
-    def parse(cls, text: str, sms: int = DEFAULT_SMS) -> EmulationSpec:
-        """``W:REGIME``: W ranks, REGIME a shipped regime name or a ``lancet profile-comm`` JSON file."""
-        world, sep, regime = text.partition(":")
-        if not sep or not world.strip().isdigit() or not regime:
+    def parse(cls, text: str, sms: int | None = None) -> EmulationSpec:
+        """``W:REGIME``: W ranks, REGIME a shipped regime name or a ``lancet profile-comm`` JSON file.
+
+        ``sms`` None: the regime's SM count where it records one, else ``DEFAULT_SMS``.
+        """
+        world, sep, name = text.partition(":")
+        if not sep or not world.strip().isdigit() or not name:
             raise ValueError(f"--emulate takes W:REGIME (e.g. 8:ib100 or 4:comm.json), got {text!r}")
-        return cls(world_size=int(world), regime=load_regime(regime), sms=sms)
+        regime = load_regime(name)
+        if sms is None:
+            sms = regime.sms if regime.sms is not None else DEFAULT_SMS
+        return cls(world_size=int(world), regime=regime, sms=sms)
 
     @property
     def label(self) -> str:

@@ -32,6 +32,8 @@ class Regime:
     source: str
     """One line of provenance: measured where, or derived from what."""
     path: str
+    sms: int | None = None
+    """SMs NCCL kept busy for a collective under this regime (its channels), where known."""
 
 
 def _shipped_path(name: str) -> Path:
@@ -71,5 +73,6 @@ def load_regime(spec: str) -> Regime:
     if world < 2 or missing:
         problem = f"was measured on {world} rank(s)" if world < 2 else f"has no {' or '.join(missing)} curve"
         raise ValueError(f"network regime {spec!r} {problem}; emulation needs curves of at least 2 ranks")
+    sms = document.get("standin_sms")
     return Regime(name=spec if shipped else path.stem, comm=comm, measured_world=world,
-                  source=_source_line(document, path), path=str(path))
+                  source=_source_line(document, path), path=str(path), sms=int(sms) if sms is not None else None)
