@@ -159,25 +159,31 @@ def wire_markdown(documents: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _files(paths: list[str], pattern: str) -> list[Path]:
+def _documents(paths: list[str]) -> tuple[list[dict], list[dict]]:
+    """(bench documents, comm profiles) among the files given and the bench*.json / comm*.json under folders."""
     files: list[Path] = []
     for path in map(Path, paths):
-        if path.is_dir():
-            files.extend(sorted(path.glob(f"**/{pattern}")))
-        elif path.match(pattern):
-            files.append(path)
-    return files
+        files.extend(sorted([*path.glob("**/bench*.json"), *path.glob("**/comm*.json")]) if path.is_dir() else [path])
+    benches, comms = [], []
+    for file in files:
+        with open(file) as f:
+            document = json.load(f)
+        if "results" in document:
+            benches.append(document)
+        elif document.get("kind") == "comm":
+            comms.append(document)
+    return benches, comms
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Markdown tables of emulated runs: plan vs best tutel-dN per bench, "
                                                  "and the emulated wire per comm profile")
-    parser.add_argument("paths", nargs="+", help="bench*.json / comm*.json files, or folders searched for them")
+    parser.add_argument("paths", nargs="+", help="bench JSON and comm profile files, or folders searched for "
+                                                 "bench*.json and comm*.json")
     args = parser.parse_args(argv)
-    benches = [json.load(open(p)) for p in _files(args.paths, "bench*.json")]
-    comms = [json.load(open(p)) for p in _files(args.paths, "comm*.json")]
+    benches, comms = _documents(args.paths)
     if not benches and not comms:
-        print("no bench*.json or comm*.json found", file=sys.stderr)
+        print("no bench JSON or comm profile found", file=sys.stderr)
         return 1
     if comms:
         print(wire_markdown(comms) + "\n")
