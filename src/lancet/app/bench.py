@@ -76,6 +76,8 @@ class BenchOptions:
     """Rounds over the variant list (A B C A B C ...): drift in the machine falls on every variant alike."""
     executor: str | None = None
     """Executor of captured variants that name none (None: the fastest the graph and device allow)."""
+    measured: str | None = None
+    """Bench JSON of a real run of the emulated configuration, printed next to the emulated rows."""
 
     def validate(self) -> None:
         from lancet.runtime.executor import EXECUTORS, check_executor_device
@@ -102,6 +104,8 @@ class BenchOptions:
             raise ValueError(f"variant(s) {', '.join(needing)} need --plan (from `lancet optimize`)")
         if self.plan is not None and not Path(self.plan).exists():
             raise FileNotFoundError(f"plan file {self.plan!r} does not exist")
+        if self.measured is not None and not Path(self.measured).exists():
+            raise FileNotFoundError(f"measured bench file {self.measured!r} does not exist")
         if self.steps < 1 or self.warmup < 0 or self.profile_steps < 0 or self.rounds < 1:
             raise ValueError("--steps and --rounds must be >= 1, --warmup and --profile-steps >= 0")
 
@@ -125,6 +129,8 @@ class VariantResult:
     """Median host time to issue a step (the step function's call, less time blocked waiting for split sizes)."""
     compile: dict | None = None
     """What compiling the step's regions cost (``lancet.runtime.compile.CompileReport``)."""
+    emulated: str | None = None
+    """``W:REGIME`` when the row was measured on an emulated rank (``--emulate``)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -242,10 +248,11 @@ def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, 
         state.peak_gib = max(peak, state.peak_gib or 0.0)
 
 
-def _result(variant: str, state: _VariantState, session, plan) -> VariantResult:
+def _result(variant: str, state: _VariantState, session, plan, run: RunConfig) -> VariantResult:
     step_ms = statistics.median(state.times)
     tokens = session.model_cfg.tokens_per_rank * session.runtime.world_size
-    result = VariantResult(variant, step_ms, tokens / (step_ms / 1e3), state.peak_gib, state.trace, list(state.round_ms))
+    result = VariantResult(variant, step_ms, tokens / (step_ms / 1e3), state.peak_gib, state.trace, list(state.round_ms),
+                           emulated=run.emulate)
     result.quartiles_ms = quartiles(state.times)
     result.executor = state.executor
     result.host_issue_ms = statistics.median(state.issue_ms) if state.issue_ms else None
@@ -262,7 +269,7 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
     from lancet.plan.plan import load_plan
     from lancet.app.train import build_session
 
-    with rank_runtime(run.network, run.collective_timeout) as runtime:
+    with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         initial = [p.detach().clone() for p in session.params]
@@ -286,18 +293,24 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
                                   f"({time.perf_counter() - begin:.0f} s with capture, warm-up and profiling)",
                                   markup=False)
                     if opts.json_path:  # after every variant, so a run cut short keeps what it measured
-                        rows = [_result(v, st, session, plan).to_json() for v, st in states.items()]
+                        rows = [_result(v, st, session, plan, run).to_json() for v, st in states.items()]
                         _write_json(opts.json_path, run, runtime.world_size, rows)
-        rows = [_result(v, states[v], session, plan).to_json() for v in opts.variants]
+        rows = [_result(v, states[v], session, plan, run).to_json() for v in opts.variants]
         if runtime.is_main:
             print_table(rows, run, console)
+            if opts.measured:
+                from lancet.app.emulation_report import load_measured, print_comparison
+
+                print_comparison(rows, load_measured(opts.measured, run), run, console)
         return rows
 
 
 def _write_json(path: str, run: RunConfig, world_size: int, rows: list[dict]) -> None:
     partial = Path(path).with_name(Path(path).name + ".part")
     with open(partial, "w") as f:
-        json.dump({"run": run.to_dict(), "world_size": world_size, "results": rows}, f, indent=1)
+        emulation = run.emulation()
+        emulated = emulation.record() if emulation is not None else None
+        json.dump({"run": run.to_dict(), "world_size": world_size, "emulated": emulated, "results": rows}, f, indent=1)
     partial.replace(path)
 
 
@@ -330,7 +343,7 @@ def _spread(round_ms: list[float]) -> str:
 
 
 def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
-    title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} network={run.network or 'native'}"
+    title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} {run.network_label}"
     table = Table(title=title)
     rounds = max(len(r.get("round_ms") or ()) for r in rows)
     columns = ("variant", "executor", "step ms", "q1-q3 ms", "x eager", "tokens/s", "a2a ms", "exposed a2a",
@@ -370,6 +383,9 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     console.print("times in ms; exposed = not covered by compute kernels; two-lane bound = max(compute kernel time, "
                   "communication kernel time) (profiled steps, rank 0); host issue = host time to issue a step; "
                   "fwd/bwd idle = GPU time with no kernel running inside the phase")
+    if run.emulate is not None:
+        console.print(f"every row emulated ({run.emulate}): rank 0 of the job run alone, its collectives stand-ins that "
+                      "hold the communication stream for the regime's time; tokens/s counts every rank of the job")
     for r in rows:
         if r.get("compile") and r["compile"]["compiled_regions"]:
             report = r["compile"]

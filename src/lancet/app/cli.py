@@ -13,7 +13,7 @@ import sys
 
 from lancet.app.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
 from lancet.app.guard import NONFINITE_POLICIES
-from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV, Interrupted, RankFailed, launch, planned_world_size
+from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV, Interrupted, RankFailed, launch, planned_world_size, under_torchrun
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS
 
 INTERRUPTED_STATUS = 130
@@ -52,6 +52,12 @@ def add_run_args(parser: argparse.ArgumentParser) -> None:
                         help="Python garbage collection every N steps, between timed steps (automatic collection is off)")
     parser.add_argument("--collective-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S, metavar="SECONDS",
                         help="a rank waiting longer than this in one collective gives up (the job then ends)")
+    parser.add_argument("--emulate", default=None, metavar="W:REGIME",
+                        help="run rank 0 of a W-rank job on this one device, every collective a stand-in timed by "
+                             "REGIME (nvlink, ib400, ib100, eth, or a `lancet profile-comm` JSON)")
+    parser.add_argument("--emulate-sms", type=int, default=None,
+                        help="SMs a GPU stand-in collective keeps busy for its whole transfer (default: the regime's "
+                             "NCCL channels where known, 1 for ib100 and 2 for ib400; else 4)")
 
 
 def model_spec(args: argparse.Namespace) -> ModelSpec:
@@ -77,12 +83,20 @@ def run_config(args: argparse.Namespace, **extra) -> RunConfig:
         data=args.data,
         seed=args.seed,
         network=args.network,
-        nproc=args.nproc,
+        nproc=args.nproc if args.emulate is None or args.nproc is not None else 1,
         gc_every=args.gc_every,
         collective_timeout=args.collective_timeout,
+        emulate=args.emulate,
+        emulate_sms=args.emulate_sms,
     )
     fields.update(extra)
     return RunConfig(**fields)
+
+
+def run_world_size(run: RunConfig) -> int:
+    """Ranks of the job the command runs: the emulated job's W, else what the launcher will start."""
+    emulation = run.emulation()
+    return emulation.world_size if emulation is not None else planned_world_size(run.nproc)
 
 
 def checked(run: RunConfig, *files: tuple[str | None, str], folders: tuple[tuple[str | None, str], ...] = ()) -> RunConfig:
@@ -91,7 +105,10 @@ def checked(run: RunConfig, *files: tuple[str | None, str], folders: tuple[tuple
     from lancet.app.preflight import check_run
 
     try:
-        check_run(run, planned_world_size(run.nproc))
+        emulation = run.emulation()
+        if emulation is not None and under_torchrun():
+            raise ValueError("--emulate runs one process by itself; start it without torchrun")
+        check_run(run, run_world_size(run))
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     checked_outputs(*files, folders=folders)
@@ -237,6 +254,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         trace_dir=args.trace_dir,
         rounds=args.rounds,
         executor=args.executor,
+        measured=args.measured,
     )
     try:
         opts.validate()
@@ -244,7 +262,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             from lancet.app.preflight import launcher_device
             from lancet.plan.plan import load_plan
 
-            load_plan(opts.plan, run.identity(planned_world_size(run.nproc), launcher_device()))
+            load_plan(opts.plan, run.identity(run_world_size(run), launcher_device()))
+        if opts.measured is not None:
+            from lancet.app.emulation_report import load_measured
+
+            load_measured(opts.measured, run)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     launch(bench_worker, (run, opts), run.nproc)
@@ -339,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--profile-steps", type=int, default=3, help="profiled steps per variant (0: no trace)")
     bench.add_argument("--json", default=None, help="write results as JSON")
     bench.add_argument("--trace-dir", default="lancet_traces", help="profiler traces, one folder per variant")
+    bench.add_argument("--measured", default=None,
+                       help="with --emulate: bench JSON of a real run of the same configuration, printed alongside")
     bench.set_defaults(func=cmd_bench)
 
     timeline = sub.add_parser("timeline", help="PNG of one step of a profiler trace or a predicted trace")

@@ -12,6 +12,7 @@ from lancet.plan.artifact import RunIdentity, device_description, gate_descripti
 from lancet.app.data import SYNTHETIC, resolve_corpus_path
 from lancet.app.guard import NONFINITE_POLICIES
 from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV
+from lancet.runtime.emulation import EmulationSpec
 from lancet.models import GPT2MoEConfig, model_config
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS, GateConfig
 
@@ -88,6 +89,23 @@ class RunConfig:
     """On a non-finite loss or gradient: stop (naming step and tensor) or skip the step's update."""
     collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT_S
     """Seconds a rank waits in one collective for its peers before giving up."""
+    emulate: str | None = None
+    """``W:REGIME``: run rank 0 of a W-rank job in one process, every collective a stand-in priced by REGIME
+    (``lancet.runtime.emulation``)."""
+    emulate_sms: int | None = None
+    """SMs a GPU stand-in collective keeps busy for its whole transfer (None: the regime's, else 4)."""
+
+    def emulation(self) -> EmulationSpec | None:
+        """The emulated job (None for a real run); ValueError/FileNotFoundError for a bad spec or regime."""
+        return None if self.emulate is None else EmulationSpec.parse(self.emulate, self.emulate_sms)
+
+    @property
+    def network_label(self) -> str:
+        """How tables name the network: the regime, ``native``, or the emulated job."""
+        if self.emulate is not None:
+            world, _, regime = self.emulate.partition(":")
+            return f"emulated {world} ranks on {regime} (one rank run, collectives are stand-ins)"
+        return f"network={self.network or 'native'}"
 
     def validate(self, world_size: int) -> GPT2MoEConfig:
         """Raise ValueError/FileNotFoundError for bad input; return the model config."""
@@ -113,6 +131,13 @@ class RunConfig:
         self._validate_executor()
         if self.network is not None and self.network not in NETWORK_ENV:
             raise ValueError(f"unknown network regime {self.network!r}; choose one of {', '.join(NETWORK_ENV)}")
+        emulation = self.emulation()
+        if emulation is not None and self.network is not None:
+            raise ValueError("--emulate models the network with its regime; leave --network out")
+        if emulation is not None and self.nproc not in (None, 1):
+            raise ValueError(f"--emulate runs one process (rank 0 of the emulated job); --nproc {self.nproc} given")
+        if emulation is not None and emulation.world_size != world_size:
+            raise ValueError(f"validated for {world_size} ranks, but --emulate asks for {emulation.world_size}")
         if self.data != SYNTHETIC:
             resolve_corpus_path(self.data)
             if cfg.vocab_size < 256:
@@ -160,13 +185,15 @@ class RunConfig:
         import torch
 
         cfg = self.spec.model_config()
+        emulation = self.emulation()
+        network = self.network if self.network not in (None, "nvlink") else "native"
         return RunIdentity(
             model=cfg.name,
             gate=gate_description(cfg.gate),
             world_size=world_size,
             dtype=self.dtype,
             device=device_description(device),
-            network=self.network if self.network not in (None, "nvlink") else "native",
+            network=emulation.network if emulation is not None else network,
             torch_version=torch.__version__.split("+")[0],
         )
 

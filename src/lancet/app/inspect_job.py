@@ -14,7 +14,7 @@ from lancet.app.train import build_session
 
 
 def inspect_worker(run: RunConfig, json_path: str | None) -> dict:
-    with rank_runtime(run.network, run.collective_timeout) as runtime:
+    with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         session = build_session(run, runtime)
         tokens, targets = session.batch(0)
         train_graph = capture_step(session.train_step, tokens, targets)

@@ -21,6 +21,7 @@ from lancet.cost.comm import (
 from lancet.cost.profile import profile_graph
 from lancet.app.report import StepProgress, console_for
 from lancet.runtime.dist import rank_runtime
+from lancet.runtime.emulation import EMULATED_SHARED_DIRECTIONS
 
 
 def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_parts: int = 1,
@@ -31,7 +32,7 @@ def profile_worker(run: RunConfig, out_path: str, passes: int, reps: int, tutel_
     from lancet.plan.plan import tutel_graph
     from lancet.app.train import build_session
 
-    with rank_runtime(run.network, run.collective_timeout) as runtime:
+    with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         session = build_session(run, runtime)
         tokens, targets = session.batch(0)
         if tutel_parts == 1:
@@ -95,7 +96,7 @@ def optimizer_ms(session, reps: int) -> float:
 
 def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: int) -> dict:
     """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
-    with rank_runtime(run.network, run.collective_timeout) as runtime:
+    with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         with StepProgress(console_for(runtime.is_main), "comm sweep", len(sizes) * len(KINDS)) as bar:
             curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.advance())
         compute_slowdown, comm_slowdown = measure_contention(runtime.group, runtime.device)
@@ -104,7 +105,9 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
             contention=compute_slowdown,
             comm_contention=comm_slowdown,
             issue_ms=measure_issue_ms(runtime.group, runtime.device),
-            shared_directions=measure_shared_directions(runtime.group, runtime.device),
+            # one-way traffic does not exist where every peer mirrors rank 0; the emulated wire is full duplex
+            shared_directions=(measure_shared_directions(runtime.group, runtime.device) if run.emulate is None
+                               else EMULATED_SHARED_DIRECTIONS),
         )
         payload = {"comm": comm.to_json()}
         if runtime.is_main:

@@ -93,7 +93,7 @@ def make_runner(run: RunConfig, session: Session):
 
 def train_worker(run: RunConfig) -> list[dict]:
     """Entry point of one rank; returns the per-step records (on every rank)."""
-    with rank_runtime(run.network, run.collective_timeout) as runtime:
+    with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         return _train(run, runtime)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,9 @@ from lancet.runtime.failures import (
     read_failures,
     record_failure,
 )
+
+if TYPE_CHECKING:
+    from lancet.runtime.emulation import EmulationSpec
 
 NETWORK_ENV: dict[str, dict[str, str]] = {
     "nvlink": {},
@@ -146,13 +149,22 @@ def abort_runtime() -> None:
 
 
 @contextlib.contextmanager
-def rank_runtime(network: str | None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> Iterator[Runtime]:
+def rank_runtime(
+    network: str | None, timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S, emulation: EmulationSpec | None = None
+) -> Iterator[Runtime]:
     """The body of every rank job: network regime set before NCCL starts, group up, torn down at the end.
 
     A rank that leaves on an exception does not wait for the others (a barrier there would hang the
     job while another rank waits inside a collective): it records its failure for the launcher
-    (before the others can see it and fail in turn), aborts its group and re-raises.
+    (before the others can see it and fail in turn), aborts its group and re-raises. With
+    ``emulation``, this one process is rank 0 of an emulated job (``lancet.runtime.emulation``).
     """
+    if emulation is not None:
+        from lancet.runtime.emulation import emulated_runtime
+
+        with emulated_runtime(emulation) as runtime:
+            yield runtime
+        return
     if network is not None:
         apply_network_env(network)
     runtime = init_runtime(timeout_s)
