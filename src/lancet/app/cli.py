@@ -1,4 +1,4 @@
-"""``lancet`` command line: train, inspect, bench, profile, profile-comm, optimize.
+"""``lancet`` command line: train, inspect, bench, profile, profile-comm, optimize, experiment.
 
 Commands that run ranks work under ``torchrun`` and with ``--nproc P`` (P local
 ranks launched here). Input is checked before any rank starts.
@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from lancet.app.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
+from lancet.app.experiment.commands import add_parser as add_experiment_parser
 from lancet.runtime.dist import NETWORK_ENV, RankFailed, launch, planned_world_size
 from lancet.moe import GATE_KINDS
 
@@ -251,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("--out", required=True, help="PNG to write")
     timeline.add_argument("--step", type=int, default=0, help="profiled step to draw (measured traces)")
     timeline.set_defaults(func=cmd_timeline)
+    add_experiment_parser(sub)
     return parser
 
 
