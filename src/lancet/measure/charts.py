@@ -65,10 +65,15 @@ def predicted_vs_measured(points: Sequence[Point], path: str | Path) -> bool:
     if not points:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 5))
-    for regime in dict.fromkeys(p.regime for p in points):
-        mine = [p for p in points if p.regime == regime]
-        ax.scatter([p.step_ms for p in mine], [p.predicted_ms for p in mine], label=regime, s=22)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    markers = dict(zip(dict.fromkeys(p.variant for p in points), "osD^v<>pP*Xh"))
+    colours = dict(zip(dict.fromkeys(p.regime for p in points), plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for p in points:
+        ax.scatter(p.step_ms, p.predicted_ms, marker=markers.get(p.variant, "o"), color=colours.get(p.regime, "k"), s=26)
+    for variant, marker in markers.items():
+        ax.scatter([], [], marker=marker, color="grey", label=variant)
+    for regime, colour in colours.items():
+        ax.scatter([], [], marker="s", color=colour, label=regime)
     top = max(max(p.step_ms, p.predicted_ms) for p in points) * 1.1
     ax.plot([0, top], [0, top], color="black", linewidth=0.8)
     ax.fill_between([0, top], [0, 0.9 * top], [0, 1.1 * top], color="grey", alpha=0.15, label="±10%")

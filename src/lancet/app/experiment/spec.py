@@ -287,7 +287,7 @@ def _derived_id(fields: dict) -> str:
     parts = [fields["model"], fields.get("gate")]
     if fields.get("emulate"):
         world, _, regime = fields["emulate"].partition(":")
-        parts.append(f"emu{world}-{regime}")
+        parts.append(f"emu{world}-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(regime).stem)}")
     else:
         parts.append(fields.get("network"))
     parts += [fields.get("framework"), fields.get("dispatch"), fields.get("executor")]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,19 +169,19 @@ def _profile_step(line: ExperimentLine) -> Step:
     if line.profile_in_regime:
         words.named("network")
     words.named(*OWN_FIELDS["profile"])
-    return words.finish("profile", "-".join(filter(None, (line.model, line.gate))))
+    return words.finish("profile", _slug(line.model, line.gate))
 
 
 def _comm_step(line: ExperimentLine) -> Step:
     words = _Words(line)
     words.named("nproc", "emulate", "network", *OWN_FIELDS["profile-comm"])
-    return words.finish("profile-comm", line.regime.replace(" ", "-").replace(":", "-"))
+    return words.finish("profile-comm", _slug(line.regime))
 
 
 def _optimize_step(line: ExperimentLine, profile: Step, comm: Step) -> Step:
     words = _Words(line)
     words.named(*OWN_FIELDS["optimize"])
-    step = words.finish("optimize", f"{line.model}-{line.regime.replace(' ', '-').replace(':', '-')}", inputs={
+    step = words.finish("optimize", _slug(line.model, line.regime), inputs={
         "--profile": OutPath(profile.output), "--comm": OutPath(comm.output)})
     step.deps = [profile, comm]
     return step
@@ -241,6 +242,11 @@ class _Words:
                                          "set it there")
             self.origins[flag] = name
         self.words += words
+
+
+def _slug(*parts: str | None) -> str:
+    """A folder-name-safe label of the parts (the step's key makes it unique)."""
+    return re.sub(r"[^A-Za-z0-9._]+", "-", "-".join(p for p in parts if p)).strip("-")
 
 
 def _option_words(options: dict) -> list[str]:
