@@ -97,3 +97,25 @@ def test_tables():
     comm = comm_table({"ib100": {"curves": {"all_to_all": [[2.0**20, 1.0], [2.0**26, 4.0]]}, "contention": 1.25,
                                  "issue_ms": 0.032}})
     assert "| ib100 | 1.333 ms | 4.000 ms |  | 1.250 | 0.032 |" in comm
+
+
+def test_cutoffs_count_per_step_and_feed_the_estimates(tmp_path):
+    (a, b) = build_steps(parse_experiments(LINES))
+    assert store.record_cutoff(tmp_path, a.bench, seconds=100.0, manifest="m1") == [100.0]
+    assert store.record_cutoff(tmp_path, b.bench, seconds=50.0, manifest="m1") == [50.0]
+    assert store.record_cutoff(tmp_path, a.bench, seconds=300.0, manifest="m2") == [100.0, 300.0]
+    budget = Budget(seconds=1000.0, history=store.history(tmp_path))
+    assert budget.estimate("bench", "tiny", 2)[0] == 300.0  # at least what the longest cut-off run had
+
+
+def test_archive_round_trip(tmp_path):
+    from rich.console import Console
+
+    from lancet.app.experiment.driver import pack, restore
+
+    (a, _) = build_steps(parse_experiments(LINES))
+    profile = a.plan.deps[0]
+    marker = finish(tmp_path / "out", profile)
+    pack(tmp_path / "out", tmp_path / "out.tar.gz", Console(quiet=True))
+    restore(tmp_path / "out.tar.gz", tmp_path / "again")
+    assert store.done_marker(tmp_path / "again", profile)["completion"] == marker["completion"]

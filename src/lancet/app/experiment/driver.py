@@ -158,9 +158,11 @@ class Driver:
         estimate, source = self.budget.estimate(step.kind, step.model, step.variants)
         if not self.budget.fits(estimate):
             raise Stop(EXIT_BUDGET, "budget",
-                       f"budget: {self.budget.left():.0f} s left, {step.kind} of {who} needs about {estimate:.0f} s "
+                       f"budget: {self.budget.left():.0f} s left ({self.budget.reserve_s:.0f} s of it kept for the end), "
+                       f"{step.kind} of {who} needs about {estimate:.0f} s "
                        f"({source}); stopping here. Run the same command again to go on.")
         folder = store.clear(self.out, step)
+        (folder / store.LOG).write_text(f"# run {self.run_id}, manifest {self.manifest}\n")
         if step.kind == "bench":
             self._write_line(step, folder)
         argv = step.argv(self.out)
@@ -184,13 +186,20 @@ class Driver:
 
     def _timed_out(self, step: Step, who: str, seconds: float) -> None:
         left = self.budget.left()
-        if left is not None and left <= self.budget.reserve_s + 1:
-            raise Stop(EXIT_BUDGET, "budget", f"budget: {step.kind} of {who} was cut off after {seconds:.0f} s at the "
-                                              "budget's end; the next run redoes it. Run the same command again.")
-        store.mark_failed(self.out, step, returncode=None, error=f"no end after {seconds:.0f} s",
-                          manifest=self.manifest)
-        raise Stop(EXIT_FAILED, "failed", f"{who}: `lancet {step.kind}` did not finish within the step timeout "
-                                          f"({seconds:.0f} s)\n  log: {self.out / step.folder / store.LOG}")
+        log = self.out / step.folder / store.LOG
+        if left is None or left > self.budget.reserve_s + 1:
+            store.mark_failed(self.out, step, returncode=None, error=f"no end after {seconds:.0f} s",
+                              manifest=self.manifest)
+            raise Stop(EXIT_FAILED, "failed", f"{who}: `lancet {step.kind}` did not finish within the step timeout "
+                                              f"({seconds:.0f} s)\n  log: {log}")
+        cutoffs = store.record_cutoff(self.out, step, seconds=seconds, manifest=self.manifest)
+        if len(cutoffs) > 1:  # it had more time the second time (the estimate saw the first): it does not fit
+            raise Stop(EXIT_FAILED, "failed",
+                       f"{who}: `lancet {step.kind}` was cut off at the budget's end {len(cutoffs)} times (after "
+                       f"{', '.join(f'{c:.0f}' for c in cutoffs)} s): it needs more than a run of --budget-s gives; "
+                       f"give a larger budget or split the line (fewer variants or steps)\n  log: {log}")
+        raise Stop(EXIT_BUDGET, "budget", f"budget: {step.kind} of {who} was cut off after {seconds:.0f} s at the "
+                                          "budget's end; the next run redoes it. Run the same command again.")
 
     def _who(self, step: Step) -> str:
         names = [f"line {ls.line.number} ({ls.line.id})" for ls in self.plan if ls.line.number in step.lines]

@@ -6,6 +6,7 @@ Layout (all paths relative to the output folder, so it may move between runs):
     steps/<kind>/<slug>-<key>/   a shared step: its result JSON, log.txt, done.json
     lines/<id>/                  a line: line.json, bench.json, log.txt, traces/, done.json
     status.json                  how the latest run ended
+    cutoffs.json                 steps cut off at a budget's end, and after how long
 
 A step is done when its folder holds ``done.json`` with the step's key, its result file exists, and
 the steps it read are still the runs it read (each done-marker carries a fresh completion id, and
@@ -25,7 +26,7 @@ from pathlib import Path
 from lancet.app.experiment.budget import Record
 from lancet.app.experiment.steps import OUTPUT_FLAGS, Step
 
-DONE, FAILED, LOG = "done.json", "failed.json", "log.txt"
+DONE, FAILED, LOG, CUTOFFS = "done.json", "failed.json", "log.txt", "cutoffs.json"
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -96,9 +97,23 @@ def mark_failed(out: Path, step: Step, *, returncode: int | None, error: str, ma
                                             "error": error, "manifest": manifest, "command": step.display()})
 
 
+def record_cutoff(out: Path, step: Step, *, seconds: float, manifest: str) -> list[float]:
+    """Note that ``step`` was cut off at a budget's end after ``seconds``; return all its cut-offs so far."""
+    path = out / CUTOFFS
+    cutoffs = read_json(path) or {}
+    mine = [c for c in cutoffs.get(step.folder, []) if c["key"] == step.key]
+    mine.append({"key": step.key, "seconds": round(seconds, 3), "manifest": manifest, "kind": step.kind,
+                 "model": step.model, "variants": step.variants})
+    cutoffs[step.folder] = mine
+    write_json(path, cutoffs)
+    return [c["seconds"] for c in mine]
+
+
 def history(out: Path) -> list[Record]:
-    """Durations of every finished step in the folder, for the budget's estimates."""
-    records = []
+    """Durations of every finished step in the folder, and the time cut-off steps ran before they were
+    stopped (a lower bound of what they need), for the budget's estimates."""
+    records = [Record(c["kind"], c["model"], c["seconds"], c["variants"])
+               for entries in (read_json(out / CUTOFFS) or {}).values() for c in entries]
     for path in [*out.glob(f"steps/*/*/{DONE}"), *out.glob(f"lines/*/{DONE}")]:
         marker = read_json(path)
         if marker and "seconds" in marker:
