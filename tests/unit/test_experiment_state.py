@@ -111,7 +111,7 @@ def test_cutoffs_count_per_step_and_feed_the_estimates(tmp_path):
 def test_archive_round_trip(tmp_path):
     from rich.console import Console
 
-    from lancet.app.experiment.driver import pack, restore
+    from lancet.app.experiment.outputs import pack, restore
 
     (a, _) = build_steps(parse_experiments(LINES))
     profile = a.plan.deps[0]

@@ -12,7 +12,7 @@ EXIT_USAGE = 2
 def add_parser(sub) -> None:
     """Add ``experiment`` with its ``run`` and ``report`` subcommands to the lancet command line."""
     from lancet.app.experiment.budget import DEFAULT_ESTIMATE_S
-    from lancet.app.experiment.driver import TRACE_POLICIES
+    from lancet.app.experiment.outputs import TRACE_POLICIES
 
     experiment = sub.add_parser("experiment", help="run an experiment file (profile, optimize, bench per line); report")
     esub = experiment.add_subparsers(dest="experiment_command", required=True)

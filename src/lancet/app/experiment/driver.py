@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from lancet.app.experiment import store
 from lancet.app.experiment.budget import Budget, Record
 from lancet.app.experiment.manifest import build_manifest, new_run_id
+from lancet.app.experiment.outputs import keep_traces, pack, restore
 from lancet.app.experiment.preflight import check_step
 from lancet.app.experiment.process import run_lancet
 from lancet.app.experiment.spec import ExperimentError, load_experiments
@@ -35,7 +35,6 @@ from lancet.app.experiment.steps import LineSteps, Step, StepArgError, build_ste
 
 EXIT_OK, EXIT_FAILED, EXIT_BUDGET = 0, 1, 75
 """75 (EX_TEMPFAIL): the budget ran out; running the same command again goes on where this run stopped."""
-TRACE_POLICIES = ("all", "rank0", "none")
 
 
 class Interrupted(Exception):
@@ -256,49 +255,9 @@ def _error_of(log: Path) -> str:
     return (errors or text or ["(no output)"])[-1]
 
 
-def keep_traces(folder: Path, policy: str) -> None:
-    """Apply the trace policy to a finished step's trace folders: gzip what is kept, delete the rest."""
-    import gzip
-    import shutil
-
-    for traces in (folder / "traces", folder / "pred"):
-        if not traces.is_dir():
-            continue
-        if policy == "none":
-            shutil.rmtree(traces)
-            continue
-        for path in sorted(traces.rglob("*.json")):
-            if policy == "rank0" and path.name.startswith("rank") and path.name != "rank0.json":
-                path.unlink()
-                continue
-            with open(path, "rb") as src, gzip.open(path.with_name(path.name + ".gz"), "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            path.unlink()
-
-
 def describe(plan: list[LineSteps], out: Path, console: Console) -> None:
     """What a run would do: every step, whether it is done, and its command."""
     for step in _unique_steps(plan):
         state = "done" if store.done_marker(out, step) else "to run"
         console.print(f"{state:7s} {step.kind:12s} lines {','.join(map(str, step.lines))}: {step.display()}",
                       highlight=False, markup=False)
-
-
-def pack(out: Path, archive: Path, console: Console) -> None:
-    """The whole output folder as one .tar.gz, written atomically."""
-    archive = archive.resolve()
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(archive.name + ".part")
-    with tarfile.open(partial, "w:gz") as tar:
-        tar.add(out, arcname=".")
-    partial.replace(archive)
-    console.print(f"archive -> {archive} ({archive.stat().st_size / 2**20:.1f} MiB)", highlight=False)
-
-
-def restore(archive: Path, out: Path) -> None:
-    """Unpack an archive of an earlier run into ``out`` (its files replace those of the same name)."""
-    if not archive.is_file():
-        raise ExperimentError(str(archive), None, None, "--resume-from: no such archive")
-    out.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive, "r:gz") as tar:
-        tar.extractall(out, filter="data")

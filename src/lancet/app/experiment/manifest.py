@@ -27,6 +27,7 @@ ENV_PREFIXES = ("NCCL_", "TORCH_NCCL", "TORCH_SYMM_MEM", "NVSHMEM_", "CUDA_VISIB
 
 
 def new_run_id() -> str:
+    """Start time and a random suffix: sorts by time, unique across machines."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 

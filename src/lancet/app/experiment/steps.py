@@ -102,6 +102,7 @@ class Step:
         return f"{self.folder}/{next(iter(OUTPUT_FLAGS[self.kind].values()))}"
 
     def full_template(self) -> list[str | OutPath]:
+        """The command line with the step's own output flags (which do not enter the key)."""
         words = list(self.template)
         for flag, name in OUTPUT_FLAGS[self.kind].items():
             words += [flag, OutPath(f"{self.folder}/{name}")]
@@ -131,6 +132,7 @@ class LineSteps:
 
 
 def needs_plan(line: ExperimentLine) -> bool:
+    """A line needs profile, comm curves and a plan when a variant is a plan's (``lancet*``) or it asks for predictions."""
     return line.predict or any(v.startswith("lancet") for v in line.variants)
 
 

@@ -41,6 +41,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON at ``path``, or None when it is missing or unreadable (a write that never finished)."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -81,6 +82,7 @@ def stamp_outputs(out: Path, step: Step, manifest: str) -> None:
 
 
 def mark_done(out: Path, step: Step, *, argv: list[str], seconds: float, manifest: str) -> dict:
+    """Write the step's done-marker (last, atomically) with a fresh completion id and the ids of its inputs."""
     inputs = {dep.folder: read_json(out / dep.folder / DONE)["completion"] for dep in step.deps}
     marker = {
         "kind": step.kind, "key": step.key, "completion": uuid.uuid4().hex, "manifest": manifest,
@@ -93,6 +95,7 @@ def mark_done(out: Path, step: Step, *, argv: list[str], seconds: float, manifes
 
 
 def mark_failed(out: Path, step: Step, *, returncode: int | None, error: str, manifest: str) -> None:
+    """Record why the step failed, for the report; a failed step is never done and runs again next time."""
     write_json(out / step.folder / FAILED, {"kind": step.kind, "key": step.key, "returncode": returncode,
                                             "error": error, "manifest": manifest, "command": step.display()})
 
