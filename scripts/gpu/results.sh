@@ -1,30 +1,32 @@
 #!/usr/bin/env bash
-# The measured results in docs/results.md: profile, comm curves, plans, side-by-side benches in two
-# network regimes, HTA cross-check, and per-gate training runs. Everything lands in $OUT/results.tar.gz.
+# What the experiment driver does not do, for docs/results.md: the Holistic Trace Analysis cross-check of
+# the exposed-communication figure on the traces of a driver run, and training per gate.
+#   lancet experiment run experiments/dw_nl12.jsonl --out /tmp/dw_nl12 --budget-s 480   (the benches)
+#   bash scripts/gpu/results.sh /tmp/dw_nl12                                            (this script)
+# Logs and training metrics land in $OUT/results.tar.gz.
+set -euo pipefail
 source scripts/gpu/env.sh
+RUN=$1
 M=${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}
 DISPATCH_ARGS=${DISPATCH:+--dispatch $DISPATCH}  # padded or ragged for the switch runs (default: padded)
 R=/tmp/results; mkdir -p $R
-step() { echo "### $(date +%T) $*"; "$@" > >(tee -a $R/log.txt | tail -${TAIL:-30}) 2>&1; }
-step $LANCET profile --model $M --dtype bf16 --gate switch $DISPATCH_ARGS --out $R/profile.json --passes 3 --reps 5
-for NET in nvlink ib100; do
-    step $LANCET profile-comm --network $NET --out $R/comm_$NET.json --reps 5
-    step $LANCET optimize --profile $R/profile.json --comm $R/comm_$NET.json --out $R/plan_$NET.json --trace-dir $R/pred_$NET
-    step $LANCET bench --model $M --dtype bf16 --gate switch $DISPATCH_ARGS --network $NET --variants eager,captured,lancet-dw \
-        --plan $R/plan_$NET.json --steps 20 --warmup 5 --profile-steps 3 --json $R/bench_$NET.json --trace-dir $R/traces_$NET
-    python3 - $R/traces_$NET <<'PY' 2>&1 | grep -E "^(variant|eager|captured|lancet)" | tee -a $R/log.txt
-import sys
-from lancet.measure.trace_metrics import hta_exposed_comm_ms, summarize, load_trace
-base = sys.argv[1]
-print("variant ours_exposed_ms hta_exposed_ms step_ms")
-for v in ("eager", "captured", "lancet-dw"):
-    s = summarize(load_trace(f"{base}/{v}/rank0.json"))
-    print(v, round(s["exposed_comm_ms"], 3), round(hta_exposed_comm_ms(f"{base}/{v}"), 3), round(s["step_ms"], 3))
+python3 - "$RUN" <<'PY' | tee -a $R/log.txt
+import gzip, shutil, sys, tempfile
+from pathlib import Path
+from lancet.measure.trace_metrics import hta_exposed_comm_ms, load_trace, summarize
+print("line variant ours_exposed_ms hta_exposed_ms step_ms")
+for variant_dir in sorted(Path(sys.argv[1]).glob("lines/*/traces/*/")):
+    with tempfile.TemporaryDirectory() as tmp:  # HTA reads plain traces
+        for trace in variant_dir.glob("rank*.json.gz"):
+            with gzip.open(trace) as src, open(Path(tmp) / trace.name[:-3], "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        ours = summarize(load_trace(Path(tmp) / "rank0.json"))
+        print(variant_dir.parts[-3], variant_dir.name, round(ours["exposed_comm_ms"], 3),
+              round(hta_exposed_comm_ms(tmp), 3), round(ours["step_ms"], 3))
 PY
-    rm -f $R/traces_$NET/*/rank[1-9]*.json; gzip -q $R/traces_$NET/*/rank0.json
-done
 for G in switch batch_prioritized topk; do
-    TAIL=3 step $LANCET train --model $M --dtype bf16 --gate $G --steps 20 --metrics-jsonl $R/train_$G.jsonl
+    echo "### train $G" | tee -a $R/log.txt
+    $LANCET train --model $M --dtype bf16 --gate $G --steps 20 --metrics-jsonl $R/train_$G.jsonl 2>&1 | tail -3 | tee -a $R/log.txt
 done
 tar -czf $OUT/results.tar.gz -C /tmp results
 ls -la $OUT

@@ -29,6 +29,7 @@ from lancet.app.config import RunConfig
 from lancet.runtime.dist import rank_runtime
 from lancet.app.gc_policy import ScheduledCollection
 from lancet.app.report import header_line
+from lancet.measure.report import speedup, within_noise  # noqa: F401 (re-exported for the table)
 
 PLAN_VARIANTS = ("lancet-dw", "lancet-part", "lancet")
 EAGER_VARIANTS = ("eager", "eager-compiled")
@@ -320,20 +321,6 @@ def quartiles(times: list[float]) -> list[float]:
         return [times[0], times[0]] if times else []
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
     return [q1, q3]
-
-
-def within_noise(a: dict, b: dict) -> bool:
-    """Whether two variants' step times are within each other's spread: their quartile ranges overlap."""
-    qa, qb = a.get("quartiles_ms") or [a["step_ms"]] * 2, b.get("quartiles_ms") or [b["step_ms"]] * 2
-    return qa[0] <= qb[1] and qb[0] <= qa[1]
-
-
-def speedup(row: dict, eager: dict | None) -> str:
-    """Eager step time over this variant's, marked ``~`` when the difference is within the spread (noise)."""
-    if eager is None:
-        return ""
-    ratio = f"{eager['step_ms'] / row['step_ms']:.3f}"
-    return ratio if row is eager or not within_noise(row, eager) else f"{ratio} ~"
 
 
 def _spread(round_ms: list[float]) -> str:

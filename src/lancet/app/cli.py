@@ -1,4 +1,4 @@
-"""``lancet`` command line: train, inspect, bench, profile, profile-comm, optimize.
+"""``lancet`` command line: train, inspect, bench, profile, profile-comm, optimize, experiment.
 
 Commands that run ranks work under ``torchrun`` and with ``--nproc P`` (P local
 ranks launched here). Input is checked before any rank starts.
@@ -12,6 +12,7 @@ import os
 import sys
 
 from lancet.app.config import DTYPES, OPTIMIZERS, ModelSpec, RunConfig
+from lancet.app.experiment.commands import add_parser as add_experiment_parser
 from lancet.app.guard import NONFINITE_POLICIES
 from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV, Interrupted, RankFailed, launch, planned_world_size, under_torchrun
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS
@@ -99,7 +100,8 @@ def run_world_size(run: RunConfig) -> int:
     return emulation.world_size if emulation is not None else planned_world_size(run.nproc)
 
 
-def checked(run: RunConfig, *files: tuple[str | None, str], folders: tuple[tuple[str | None, str], ...] = ()) -> RunConfig:
+def checked(run: RunConfig, *files: tuple[str | None, str], folders: tuple[tuple[str | None, str], ...] = (),
+            devices: bool = True) -> RunConfig:
     """Validate the run against the world size the command will have (``lancet.app.preflight``) and the output
     ``files`` / ``folders`` (path, flag) it will write; raise UsageError on bad input."""
     from lancet.app.preflight import check_run
@@ -108,7 +110,7 @@ def checked(run: RunConfig, *files: tuple[str | None, str], folders: tuple[tuple
         emulation = run.emulation()
         if emulation is not None and under_torchrun():
             raise ValueError("--emulate runs one process by itself; start it without torchrun")
-        check_run(run, run_world_size(run))
+        check_run(run, run_world_size(run), devices=devices)
     except (ValueError, FileNotFoundError) as err:
         raise UsageError(str(err)) from None
     checked_outputs(*files, folders=folders)
@@ -370,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     timeline.add_argument("--out", required=True, help="PNG to write")
     timeline.add_argument("--step", type=int, default=0, help="profiled step to draw (measured traces)")
     timeline.set_defaults(func=cmd_timeline)
+    add_experiment_parser(sub)
     return parser
 
 

@@ -116,11 +116,15 @@ def check_resume(run: RunConfig, world_size: int) -> None:
                               "nothing to resume; raise --steps to train further")
 
 
-def check_run(run: RunConfig, world_size: int) -> None:
-    """Everything about a rank job's input that can be checked before launch (see the module docstring)."""
+def check_run(run: RunConfig, world_size: int, *, devices: bool = True) -> None:
+    """Everything about a rank job's input that can be checked before launch (see the module docstring).
+
+    ``devices=False`` leaves out what depends on this machine's devices (a run prepared here to run elsewhere).
+    """
     cfg = run.validate(world_size)
     device = launcher_device()
-    check_devices(run, device)
+    if devices:
+        check_devices(run, device)
     check_corpus(run.data, cfg.seq_len + 1)
     check_output_file(run.metrics_jsonl, "--metrics-jsonl")
     check_output_dir(run.checkpoint_dir, "--checkpoint-dir")
