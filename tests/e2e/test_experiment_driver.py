@@ -91,7 +91,7 @@ def test_report_renders_from_the_json(resumed_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / "report.md").read_text()
     assert "### line 2: first" in report and "### line 3: second" in report
-    assert "| variant | step ms | x eager |" in report and "## Comm curves" in report
+    assert "| variant | executor | step ms | q1-q3 ms | x eager |" in report and "## Comm curves" in report
     assert "| captured |" in report and "| lancet |" in report
     assert (tmp_path / "step_ms.png").stat().st_size > 0 and (tmp_path / "predicted_vs_measured.png").exists()
 

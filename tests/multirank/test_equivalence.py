@@ -21,7 +21,7 @@ PARTITION_RTOL = 1e-5
 def _variants(group):
     runtime = Runtime(group=group, rank=dist.get_rank(group), world_size=dist.get_world_size(group),
                       device=torch.device("cpu"))
-    run = RunConfig(spec=ModelSpec(model="tiny"), steps=STEPS, data="stdlib")
+    run = RunConfig(spec=ModelSpec(model="tiny", dispatch="ragged"), steps=STEPS, data="stdlib")
     return train_variants(run, runtime, STEPS, parts=2)
 
 

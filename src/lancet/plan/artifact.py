@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,8 +80,14 @@ def content_checksum(document: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+MANIFEST_ENV = "LANCET_MANIFEST"
+"""Set by ``lancet experiment run`` for the commands it starts: the run manifest every artifact names."""
+
+
 def write_artifact(path: str | Path, kind: str, identity: RunIdentity, payload: dict) -> None:
     document = {"format": "lancet", "version": FORMAT_VERSION, "kind": kind, "identity": identity.to_json(), **payload}
+    if os.environ.get(MANIFEST_ENV):
+        document["manifest"] = os.environ[MANIFEST_ENV]
     document["checksum"] = content_checksum(document)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lancet.app.experiment import store
+from lancet.plan.artifact import MANIFEST_ENV
 from lancet.app.experiment.budget import Budget, Record
 from lancet.app.experiment.manifest import build_manifest, new_run_id
 from lancet.app.experiment.outputs import keep_traces, pack, restore
@@ -166,7 +167,8 @@ class Driver:
             self._write_line(step, folder)
         argv = step.argv(self.out)
         self.console.print(f"[bold]{step.kind}[/] {escape(who)}: {escape(step.display())}", highlight=False)
-        done = run_lancet(argv, log=folder / store.LOG, env={**self.env, **step.env}, timeout_s=self.budget.timeout())
+        done = run_lancet(argv, log=folder / store.LOG, env={**self.env, **step.env, MANIFEST_ENV: self.manifest},
+                          timeout_s=self.budget.timeout())
         if done.timed_out:
             self._timed_out(step, who, done.seconds)
         if done.returncode != 0:
