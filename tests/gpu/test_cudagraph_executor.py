@@ -27,7 +27,7 @@ from lancet.runtime.executor import default_executor, make_executor
 from lancet.step.train_step import TrainStep
 
 STEPS = 4
-# fp32; the same compiled kernels run with and without graphs.
+# fp32; the same compiled kernels run with and without graphs (bitwise where no kernel accumulates atomically).
 RTOL = 1e-6
 
 
@@ -89,6 +89,12 @@ def _relative(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
+def _largest_difference(got, want) -> float:
+    """Largest relative difference of a loss or gradient over every step of two runs."""
+    return max(max(_relative(gl, wl), *(_relative(g, w) for g, w in zip(gg, wg)))
+               for (gl, gg), (wl, wg) in zip(got, want))
+
+
 def _compare_graph_to_compiled(step: TrainStep, batches) -> None:
     graph = capture_step(step, *batches[0])
     assert why_not_graphed(graph.graph, graph.device) is None
@@ -98,10 +104,13 @@ def _compare_graph_to_compiled(step: TrainStep, batches) -> None:
     assert graphed.kind == "cudagraph" and graphed.note is None
     start = [p.detach().clone() for p in step.parameters()]
     want = _run(compiled, [p.clone() for p in start], batches)
+    again = _run(compiled, [p.clone() for p in start], batches)
     got = _run(graphed, [p.clone() for p in start], batches)
-    for s, ((gl, gg), (wl, wg)) in enumerate(zip(got, want)):
-        assert _relative(gl, wl) < RTOL, f"step {s}: loss"
-        assert all(_relative(g, w) < RTOL for g, w in zip(gg, wg)), f"step {s}: gradients"
+    # Kernels with atomic accumulation (index_add, scatter_add in the MoE dispatch's backward) differ from run to
+    # run; the graphs may differ from the compiled step by no more than ten times what two compiled runs differ by.
+    floor = max(_largest_difference(again, want), RTOL / 10)
+    difference = _largest_difference(got, want)
+    assert difference <= 10 * floor, f"graphed vs compiled {difference:.3g}; compiled vs compiled {floor:.3g}"
     assert graphed.steps == STEPS and all(phase.impl.graph is not None for phase in graphed.program.phases)
 
 
