@@ -104,24 +104,32 @@ def sparse_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Modules holding routed experts (an ``experts`` child), by qualified name; nested ones skipped."""
     found: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
-        if isinstance(module, ExpertParallelBlock) or any(name.startswith(f + ".") for f, _ in found):
+        if isinstance(module, MoELayer) or any(name.startswith(f + ".") for f, _ in found):
             continue
-        if hasattr(module, "experts") and isinstance(module.experts, nn.Module) and not isinstance(module, MoELayer):
+        if isinstance(getattr(module, "experts", None), nn.Module):
             found.append((name, module))
     return found
 
 
-class ExpertParallelBlock(nn.Module):
-    """Stands in for a sparse MoE block: ``[B, S, M] -> [B, S, M]``, remembering the layer's keep mask and aux loss."""
+class ExpertParallelBlock(MoELayer):
+    """Stands in for a sparse MoE block: ``[B, S, M] -> [B, S, M]``, remembering the keep mask and aux loss.
 
-    def __init__(self, moe: MoELayer) -> None:
-        super().__init__()
-        self.moe = moe
+    A ``MoELayer`` itself (not a wrapper), so that graph passes see the layer at the block's own name.
+    """
+
+    def __init__(
+        self, router_weight_EM: Tensor, gate: GateConfig, group: dist.ProcessGroup | None,
+        experts: GroupedGatedExperts, shared_expert: SharedExpert | None,
+    ) -> None:
+        num_experts, d_model = router_weight_EM.shape
+        with torch.device("meta"):  # the router is built empty, then given the block's weight
+            super().__init__(d_model, 1, num_experts, gate, group, experts=experts, shared_expert=shared_expert)
+        self.router.weight = _parameter(router_weight_EM)
         self.keep_TK: Tensor | None = None
         self.aux_loss: Tensor | None = None
 
     def forward(self, hidden_BSM: Tensor) -> Tensor:
-        out = self.moe(hidden_BSM)
+        out = super().forward(hidden_BSM)
         self.keep_TK, self.aux_loss = out.keep_TK, out.aux_loss
         return out.out
 
@@ -185,14 +193,10 @@ def expert_parallel_block(
     aux_loss_coef: float,
 ) -> ExpertParallelBlock:
     """Lancet's layer with ``block``'s router, this rank's experts and (Qwen2-MoE) its shared expert."""
-    num_experts, d_model = block.gate.weight.shape
     experts = _local_experts(block.experts, config, group)
     shared = _shared_expert(block, config) if kind.shared_expert else None
     gate = _gate_config(block, kind, capacity_factor, aux_loss_coef)
-    with torch.device("meta"):  # the router is built empty, then given the block's weight
-        layer = MoELayer(d_model, 1, num_experts, gate, group, experts=experts, shared_expert=shared)
-    layer.router.weight = _parameter(block.gate.weight)
-    return ExpertParallelBlock(layer)
+    return ExpertParallelBlock(block.gate.weight, gate, group, experts, shared)
 
 
 def make_expert_parallel(
@@ -222,6 +226,34 @@ def expert_parallel_blocks(model: nn.Module) -> list[ExpertParallelBlock]:
     return [m for m in model.modules() if isinstance(m, ExpertParallelBlock)]
 
 
+def _rebuild_buffers(module: nn.Module, args) -> None:
+    """Forward pre-hook: the module's buffers as fresh tensors built from their values.
+
+    A captured step takes parameters, tokens and targets as inputs; a buffer (the rotary embedding's
+    ``inv_freq``) would be a tensor from outside the trace. Rebuilt from a Python list, it is a constant
+    of the graph instead.
+    """
+    for name, values in module._lancet_buffer_values.items():
+        real = module._lancet_buffers[name]
+        setattr(module, name, torch.tensor(values, dtype=real.dtype, device=real.device))
+
+
+def _restore_buffers(module: nn.Module, args, output) -> None:
+    for name, real in module._lancet_buffers.items():
+        setattr(module, name, real)
+
+
+def buffers_as_constants(model: nn.Module) -> None:
+    """Make every buffer of ``model`` a constant of each forward (see ``_rebuild_buffers``)."""
+    for module in model.modules():
+        own = {name: b for name, b in module.named_buffers(recurse=False) if b is not None}
+        if own:
+            module._lancet_buffers = own
+            module._lancet_buffer_values = {name: b.tolist() for name, b in own.items()}
+            module.register_forward_pre_hook(_rebuild_buffers)
+            module.register_forward_hook(_restore_buffers)
+
+
 class CausalLM(nn.Module):
     """A ``transformers`` causal LM (made expert-parallel) as ``TrainStep`` takes it: ``tokens -> ModelOutput``.
 
@@ -237,6 +269,7 @@ class CausalLM(nn.Module):
                 raise TypeError(f"{type(hf).__name__} has no '{part}' module: not a transformers causal LM")
         self.hf = hf
         self.loss_chunk_tokens = loss_chunk_tokens
+        buffers_as_constants(hf)
 
     @property
     def vocab_size(self) -> int:
@@ -269,13 +302,12 @@ def hf_parameter(name: str) -> tuple[str, bool]:
     """
     name = name.removeprefix("hf.")
     renames = {
-        ".moe.router.weight": ".gate.weight",
-        ".moe.experts.w_gate_up": ".experts.gate_up_proj",
-        ".moe.experts.w_down": ".experts.down_proj",
-        ".moe.shared_expert.gate.weight": ".shared_expert_gate.weight",
-        ".moe.shared_expert.": ".shared_expert.",
+        ".router.weight": ".gate.weight",
+        ".experts.w_gate_up": ".experts.gate_up_proj",
+        ".experts.w_down": ".experts.down_proj",
+        ".shared_expert.gate.weight": ".shared_expert_gate.weight",
     }
     for ours, theirs in renames.items():
-        if ours in name:
-            return name.replace(ours, theirs), ".moe.experts." in name
+        if name.endswith(ours):
+            return name.removesuffix(ours) + theirs, ".experts." in ours
     return name, False
