@@ -226,32 +226,79 @@ def expert_parallel_blocks(model: nn.Module) -> list[ExpertParallelBlock]:
     return [m for m in model.modules() if isinstance(m, ExpertParallelBlock)]
 
 
-def _rebuild_buffers(module: nn.Module, args) -> None:
-    """Forward pre-hook: the module's buffers as fresh tensors built from their values.
+CAUSAL_ATTENTION = "lancet_causal_sdpa"
+"""The attention ``CausalLM`` selects: transformers' SDPA attention with no mask tensor (``is_causal``)."""
 
-    A captured step takes parameters, tokens and targets as inputs; a buffer (the rotary embedding's
-    ``inv_freq``) would be a tensor from outside the trace. Rebuilt from a Python list, it is a constant
-    of the graph instead.
+
+def _tracing() -> bool:
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return torch.compiler.is_compiling() or get_proxy_mode() is not None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None
+
+
+def use_causal_attention(hf: nn.Module) -> None:
+    """Causal SDPA without a mask tensor: every sequence is whole (no padding, no packing), as in lancet's batches.
+
+    transformers otherwise builds a ``[B, 1, S, S]`` mask while tracing (it cannot rule out packed
+    sequences), which neither partitions along the batch nor is needed.
     """
-    for name, values in module._lancet_buffer_values.items():
-        real = module._lancet_buffers[name]
-        setattr(module, name, torch.tensor(values, dtype=real.dtype, device=real.device))
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(CAUSAL_ATTENTION, sdpa_attention_forward)
+    AttentionMaskInterface.register(CAUSAL_ATTENTION, _no_mask)
+    hf.set_attn_implementation(CAUSAL_ATTENTION)
 
 
-def _restore_buffers(module: nn.Module, args, output) -> None:
-    for name, real in module._lancet_buffers.items():
-        setattr(module, name, real)
+def _real(values: Tensor) -> tuple[list, torch.dtype, torch.device]:
+    return values.tolist(), values.dtype, values.device
 
 
-def buffers_as_constants(model: nn.Module) -> None:
-    """Make every buffer of ``model`` a constant of each forward (see ``_rebuild_buffers``)."""
-    for module in model.modules():
-        own = {name: b for name, b in module.named_buffers(recurse=False) if b is not None}
-        if own:
-            module._lancet_buffers = own
-            module._lancet_buffer_values = {name: b.tolist() for name, b in own.items()}
-            module.register_forward_pre_hook(_rebuild_buffers)
-            module.register_forward_hook(_restore_buffers)
+def _constant(values: tuple[list, torch.dtype, torch.device]) -> Tensor:
+    data, dtype, device = values
+    return torch.tensor(data, dtype=dtype, device=device)
+
+
+class ConstantRotary(nn.Module):
+    """The decoder's rotary embedding, whose ``(cos, sin)`` tables are constants of a traced step.
+
+    A captured step's inputs are parameters, tokens and targets; the rotary's ``inv_freq`` buffer would
+    be a tensor from outside the trace, and the tables depend on nothing but the sequence length
+    (positions ``0..S-1``: ``CausalLM`` passes none). Traced, the tables are computed outside the trace
+    once per (length, dtype) and enter the graph as constants.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self._tables: dict[tuple, tuple] = {}
+
+    def forward(self, x_BSM: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        if not _tracing():
+            return self.inner(x_BSM, position_ids)
+        key = (x_BSM.shape[1], x_BSM.dtype, x_BSM.device)
+        if key not in self._tables:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+            from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+            with unset_fake_temporarily(), disable_proxy_modes_tracing():
+                probe = torch.zeros(1, key[0], 1, dtype=key[1], device=key[2])
+                positions = torch.arange(key[0], device=key[2])[None]
+                cos, sin = self.inner(probe, positions)
+                self._tables[key] = (_real(cos), _real(sin))
+        cos, sin = self._tables[key]
+        return _constant(cos), _constant(sin)
+
+
+def _sliding_window(config) -> int | None:
+    if config is None or not getattr(config, "use_sliding_window", True):
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 class CausalLM(nn.Module):
@@ -269,13 +316,20 @@ class CausalLM(nn.Module):
                 raise TypeError(f"{type(hf).__name__} has no '{part}' module: not a transformers causal LM")
         self.hf = hf
         self.loss_chunk_tokens = loss_chunk_tokens
-        buffers_as_constants(hf)
+        self.sliding_window = _sliding_window(getattr(hf, "config", None))
+        use_causal_attention(hf)
+        if not isinstance(getattr(hf.model, "rotary_emb", None), nn.Module):
+            raise TypeError(f"{type(hf).__name__}.model has no rotary_emb: not a supported decoder")
+        hf.model.rotary_emb = ConstantRotary(hf.model.rotary_emb)
 
     @property
     def vocab_size(self) -> int:
         return self.hf.lm_head.weight.shape[0]
 
     def forward(self, tokens_BS: Tensor) -> ModelOutput:
+        if self.sliding_window is not None and tokens_BS.shape[1] > self.sliding_window:
+            raise ValueError(f"sequences of {tokens_BS.shape[1]} tokens exceed the sliding window "
+                             f"({self.sliding_window}): only full causal attention is supported")
         hidden_BSM = self.hf.model(input_ids=tokens_BS, use_cache=False).last_hidden_state
         taken = [block.take() for block in expert_parallel_blocks(self.hf)]
         aux = hidden_BSM.new_zeros((), dtype=torch.float32)
