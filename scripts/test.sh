@@ -8,4 +8,8 @@ if ! python -c "import hta.trace_analysis" 2>/dev/null; then
     python -m pip install -q pandas plotly pydot psutil pyyaml networkx
     python -m pip install -q --no-deps "HolisticTraceAnalysis==0.5.0"
 fi
+# transformers, for the HuggingFace MoE model tests (lancet.integrations.hf).
+if ! python -c "import transformers" 2>/dev/null; then
+    python -m pip install -q "transformers==5.24.0"
+fi
 python -m pytest -q "$@"

@@ -37,6 +37,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--aux-loss-coef", type=float, default=0.0, help="load-balancing loss weight (0: off)")
     group.add_argument("--num-experts", type=int, default=None, help="total experts (default: 2 per rank)")
     group.add_argument("--vocab-size", type=int, default=None, help="override the 50257-token vocabulary")
+    add_hf_args(parser)
+
+
+def add_hf_args(parser: argparse.ArgumentParser) -> None:
+    """A transformers MoE model instead of --model (``lancet.integrations.hf``)."""
+    from lancet.integrations.hf_models import known_hf_names
+
+    group = parser.add_argument_group("HuggingFace model")
+    group.add_argument("--hf-config", default=None, metavar="NAME_OR_PATH",
+                       help=f"a transformers MoE causal LM, made expert-parallel: {', '.join(known_hf_names())}, or a "
+                            "local directory (config.json; its weights too when saved with save_pretrained). Routing "
+                            "is the model class's; --gate, --topk and --capacity-factor do not apply")
+    group.add_argument("--hf-capacity-factor", type=float, default=None,
+                       help="HF models: cap each expert at int(CF * ceil(tokens * k / experts)) (default: dropless)")
+    group.add_argument("--batch-size", type=int, default=None, help="HF models: sequences per rank")
+    group.add_argument("--seq-len", type=int, default=None, help="HF models: tokens per sequence")
+
+
+def hf_spec(args: argparse.Namespace) -> dict:
+    return dict(hf_config=args.hf_config, hf_capacity_factor=args.hf_capacity_factor, batch_size=args.batch_size,
+                seq_len=args.seq_len)
 
 
 def add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +92,7 @@ def model_spec(args: argparse.Namespace) -> ModelSpec:
         num_experts=args.num_experts,
         vocab_size=args.vocab_size,
         dispatch=args.dispatch,
+        **hf_spec(args),
     )
 
 

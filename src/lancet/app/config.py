@@ -13,7 +13,8 @@ from lancet.app.data import SYNTHETIC, resolve_corpus_path
 from lancet.app.guard import NONFINITE_POLICIES
 from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV
 from lancet.runtime.emulation import EmulationSpec
-from lancet.models import GPT2MoEConfig, model_config
+from lancet.integrations.hf_models import HFModelConfig, hf_model_config
+from lancet.models import GPT2MoEConfig, build_model, model_config
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS, GateConfig
 
 DTYPES = ("fp32", "bf16")
@@ -36,6 +37,14 @@ class ModelSpec:
     """Override the vocabulary (default 50257)."""
     dispatch: str | None = None
     """padded or ragged (None: padded for the capacity gates, ragged for topk)."""
+    hf_config: str | None = None
+    """A transformers MoE model (known name or local directory) instead of ``model``: ``hf_model_config``."""
+    hf_capacity_factor: float | None = None
+    """HF models: top-k with this capacity factor (None: dropless)."""
+    batch_size: int | None = None
+    """HF models: sequences per rank (None: the name's default)."""
+    seq_len: int | None = None
+    """HF models: tokens per sequence (None: the name's default)."""
 
     def gate_config(self) -> GateConfig:
         if self.gate not in GATE_KINDS:
@@ -47,11 +56,30 @@ class ModelSpec:
             dispatch=self.dispatch,
         )
 
-    def model_config(self) -> GPT2MoEConfig:
+    def model_config(self) -> GPT2MoEConfig | HFModelConfig:
+        if self.hf_config is not None or self.batch_size is not None or self.seq_len is not None:
+            return self.hf_model_config()
         overrides: dict = {"gate": self.gate_config(), "num_experts": self.num_experts}
         if self.vocab_size is not None:
             overrides["vocab_size"] = self.vocab_size
         return model_config(self.model, **overrides)
+
+    def hf_model_config(self) -> HFModelConfig:
+        if self.hf_config is None:
+            raise ValueError("--batch-size and --seq-len apply to --hf-config models (GPT-2 names carry their shape)")
+        if self.dispatch == "padded":
+            raise ValueError("HF models route top-k: the padded dispatch takes top-1 gates only; leave out --dispatch")
+        if self.hf_capacity_factor is not None and self.hf_capacity_factor <= 0:
+            raise ValueError(f"--hf-capacity-factor must be > 0, got {self.hf_capacity_factor}")
+        return hf_model_config(self.hf_config, self.batch_size, self.seq_len, capacity_factor=self.hf_capacity_factor,
+                               aux_loss_coef=self.aux_loss_coef)
+
+
+def build_run_model(cfg: GPT2MoEConfig | HFModelConfig, group, device, seed: int = 0):
+    """The model of one rank for a GPT-2 config or an HF model."""
+    if isinstance(cfg, HFModelConfig):
+        return cfg.build(group, device=device, seed=seed)
+    return build_model(cfg, group, device=device, seed=seed)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -107,7 +135,7 @@ class RunConfig:
             return f"emulated {world} ranks on {regime} (one rank run, collectives are stand-ins)"
         return f"network={self.network or 'native'}"
 
-    def validate(self, world_size: int) -> GPT2MoEConfig:
+    def validate(self, world_size: int) -> GPT2MoEConfig | HFModelConfig:
         """Raise ValueError/FileNotFoundError for bad input; return the model config."""
         if world_size < 1:
             raise ValueError(f"--nproc must be >= 1, got {world_size}")

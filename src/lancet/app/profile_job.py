@@ -128,10 +128,9 @@ def step_for_profile(document: dict):
     import torch
     import torch.distributed as dist
 
-    from lancet.app.config import ModelSpec
+    from lancet.app.config import ModelSpec, build_run_model
     from lancet.app.data import BatchSource
     from lancet.app.train import AUTOCAST
-    from lancet.models import build_model
     from lancet.plan.artifact import ArtifactMismatch, identity_from_json
     from lancet.step.train_step import TrainStep
 
@@ -141,7 +140,7 @@ def step_for_profile(document: dict):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactMismatch(f"the profile was made on {identity.device}; optimize it on a machine with that GPU")
     group = dist.group.WORLD
-    step = TrainStep(build_model(cfg, group, device=device), group, autocast_dtype=AUTOCAST[identity.dtype])
+    step = TrainStep(build_run_model(cfg, group, device), group, autocast_dtype=AUTOCAST[identity.dtype])
     source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
     tokens, targets = (t.to(device) for t in source.batch(0, 0))
     return step, tokens, targets

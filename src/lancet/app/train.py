@@ -23,7 +23,7 @@ import torch
 from lancet.plan.artifact import RunIdentity
 from lancet.app.agreement import RankFacts, check_agreement, digest
 from lancet.app.checkpoint import Checkpointer, latest_checkpoint
-from lancet.app.config import RunConfig, checkpoint_identity
+from lancet.app.config import RunConfig, build_run_model, checkpoint_identity
 from lancet.app.data import make_batch_source
 from lancet.app.faults import maybe_inject_fault, maybe_poison_gradients
 from lancet.app.gc_policy import ScheduledCollection
@@ -31,7 +31,7 @@ from lancet.app.guard import StepGuard
 from lancet.app.report import StepProgress, console_for, header_line, stage, step_line, summary_line
 from lancet.app.stop import StopRequest, StoppedOnRequest
 from lancet.runtime.dist import Runtime, rank_runtime
-from lancet.models import GPT2MoEConfig, build_model
+from lancet.models import GPT2MoEConfig
 from lancet.step.train_step import StepResult, TrainStep
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
@@ -68,7 +68,7 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.op
 
 def build_session(run: RunConfig, runtime: Runtime) -> Session:
     model_cfg = run.validate(runtime.world_size)
-    model = build_model(model_cfg, runtime.group, device=runtime.device, seed=run.seed)
+    model = build_run_model(model_cfg, runtime.group, device=runtime.device, seed=run.seed)
     train_step = TrainStep(model, runtime.group, autocast_dtype=AUTOCAST[run.dtype])
     params = train_step.parameters()
     batches = make_batch_source(run.data, model_cfg.batch_size, model_cfg.seq_len, model_cfg.vocab_size, run.seed)

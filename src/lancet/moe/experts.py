@@ -14,8 +14,26 @@ segment sum over the grouped rows (``lancet::segment_sum``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": torch.relu,
+}
+"""Activations of gated (SwiGLU-style) experts, by the names model configs use."""
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {name!r}; choose one of {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]
 
 
 def native_grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -167,6 +185,61 @@ class GroupedExperts(nn.Module):
         hidden_GNH = torch.bmm(rows_GNM.to(dtype), self.w1.to(dtype)) + self.b1.to(dtype)[:, None, :]
         hidden_GNH = torch.relu(hidden_GNH)
         return torch.bmm(hidden_GNH, self.w2.to(dtype)) + self.b2.to(dtype)[:, None, :]
+
+
+class GroupedGatedExperts(GroupedExperts):
+    """``num_experts`` gated FFNs without biases: ``down(act(x @ W_gate) * (x @ W_up))`` (SwiGLU for silu).
+
+    ``w_gate_up`` holds ``[W_gate | W_up]`` side by side (``[L, M, 2H]``), ``w_down`` is ``[L, H, M]``:
+    two grouped GEMMs per expert FFN. A ``GroupedExperts`` so that the step treats its parameters as
+    expert-sharded (never all-reduced); it has none of the ReLU FFN's parameters.
+    """
+
+    def __init__(
+        self, num_experts: int, d_model: int, d_hidden: int, activation_name: str = "silu", first_expert: int = 0
+    ) -> None:
+        nn.Module.__init__(self)
+        self.num_experts = num_experts
+        self.first_expert = first_expert
+        self.activation_name = activation_name
+        self.act = activation(activation_name)
+        self.w_gate_up = nn.Parameter(torch.empty(num_experts, d_model, 2 * d_hidden))
+        self.w_down = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+
+    def _gated(self, gate_up: Tensor) -> Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.act(gate) * up
+
+    def forward(self, rows_NM: Tensor, expert_of_row_N: Tensor, offsets_G: Tensor) -> Tensor:
+        dtype = compute_dtype(rows_NM)
+        hidden_NH = self._gated(grouped_mm(rows_NM.to(dtype), self.w_gate_up.to(dtype), offsets_G))
+        return grouped_mm(hidden_NH, self.w_down.to(dtype), offsets_G)
+
+    def forward_padded(self, rows_GNM: Tensor) -> Tensor:
+        dtype = compute_dtype(rows_GNM)
+        hidden_GNH = self._gated(torch.bmm(rows_GNM.to(dtype), self.w_gate_up.to(dtype)))
+        return torch.bmm(hidden_GNH, self.w_down.to(dtype))
+
+
+class SharedExpert(nn.Module):
+    """A dense gated FFN every token goes through, optionally scaled by ``sigmoid(x @ w_gate)`` (Qwen2-MoE).
+
+    Replicated on every rank (its gradients are all-reduced like any dense parameter).
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, activation_name: str = "silu", sigmoid_gate: bool = False) -> None:
+        super().__init__()
+        self.act = activation(activation_name)
+        self.gate_proj = nn.Linear(d_model, d_hidden, bias=False)
+        self.up_proj = nn.Linear(d_model, d_hidden, bias=False)
+        self.down_proj = nn.Linear(d_hidden, d_model, bias=False)
+        self.gate = nn.Linear(d_model, 1, bias=False) if sigmoid_gate else None
+
+    def forward(self, tokens_TM: Tensor) -> Tensor:
+        out_TM = self.down_proj(self.act(self.gate_proj(tokens_TM)) * self.up_proj(tokens_TM))
+        if self.gate is None:
+            return out_TM
+        return torch.sigmoid(self.gate(tokens_TM)) * out_TM
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

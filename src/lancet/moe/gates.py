@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 GateKind = Literal["switch", "batch_prioritized", "topk"]
+RouterKind = Literal["softmax_topk", "topk_softmax"]
+ROUTER_KINDS: tuple[str, ...] = ("softmax_topk", "topk_softmax")
 GATE_KINDS: tuple[str, ...] = ("switch", "batch_prioritized", "topk")
 DispatchKind = Literal["padded", "ragged"]
 DISPATCH_KINDS: tuple[str, ...] = ("padded", "ragged")
@@ -43,9 +45,16 @@ class GateConfig:
     topk: int = 2
     """Experts per token for the topk gate (top-1 gates ignore it)."""
     capacity_factor: float = 1.0
-    """Capacity = int(capacity_factor * ceil(tokens / experts)) for top-1 gates."""
+    """Capacity = int(capacity_factor * ceil(tokens / experts)) for top-1 gates (and the topk gate when not ``dropless``)."""
     normalize_topk: bool = True
-    """Renormalise the k chosen probabilities of the topk gate to sum to one."""
+    """Renormalise the k chosen probabilities of the topk gate to sum to one (softmax_topk router)."""
+    router: RouterKind = "softmax_topk"
+    """topk gate: softmax over all experts then the k largest (Mixtral, Qwen-MoE, OLMoE), or the k
+    largest logits then a softmax over those k (always summing to one)."""
+    dropless: bool = True
+    """topk gate: every choice is dispatched. False: each expert takes at most
+    ``int(capacity_factor * ceil(T * K / E))`` assignments, first choices before second ones, each in
+    token order (ragged dispatch; the rest are dropped)."""
     aux_loss_coef: float = 0.0
     """Weight of the load-balancing loss (0 disables it)."""
     dispatch: DispatchKind | None = None
@@ -62,7 +71,9 @@ class GateConfig:
         if self.dispatch not in DISPATCH_KINDS:
             raise ValueError(f"unknown dispatch {self.dispatch!r}; choose one of {', '.join(DISPATCH_KINDS)}")
         if self.kind == "topk" and self.dispatch == "padded":
-            raise ValueError("the topk gate is dropless and has no capacity to pad to; use --dispatch ragged")
+            raise ValueError("the topk gate is dropless or drops per expert on the whole batch; the padded dispatch takes top-1 gates only: use --dispatch ragged")
+        if self.router not in ROUTER_KINDS:
+            raise ValueError(f"unknown router {self.router!r}; choose one of {', '.join(ROUTER_KINDS)}")
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         if self.capacity_factor <= 0:
@@ -116,6 +127,23 @@ def batch_prioritized_keep(expert_T: Tensor, prob_T: Tensor, num_experts: int, c
     return torch.empty_like(keep_sorted_T).scatter_(0, priority_order_T, keep_sorted_T)
 
 
+def topk_keep(expert_TK: Tensor, num_experts: int, cap: int) -> Tensor:
+    """Top-k with capacity: first choices are served before second ones, each in token order."""
+    expert_KT = expert_TK.t().reshape(-1)
+    return (_positions_in_order(expert_KT, num_experts) < cap).view(expert_TK.shape[1], -1).t()
+
+
+def _topk(probs_TE: Tensor, logits_TE: Tensor, cfg: GateConfig) -> tuple[Tensor, Tensor]:
+    """Weights and experts of the k choices of each token."""
+    if cfg.router == "topk_softmax":
+        top_logits_TK, expert_TK = torch.topk(logits_TE.float(), cfg.topk, dim=-1)
+        return torch.softmax(top_logits_TK, dim=-1), expert_TK
+    weight_TK, expert_TK = torch.topk(probs_TE, cfg.topk, dim=-1)
+    if cfg.normalize_topk:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    return weight_TK, expert_TK
+
+
 def load_balancing_loss(probs_TE: Tensor, expert_T: Tensor) -> Tensor:
     """Switch Transformer loss: E * sum_e (fraction routed to e) * (mean probability of e)."""
     num_experts = probs_TE.shape[1]
@@ -128,10 +156,11 @@ def route(logits_TE: Tensor, cfg: GateConfig) -> Routing:
     num_tokens, num_experts = logits_TE.shape
     probs_TE = torch.softmax(logits_TE.float(), dim=-1)
     if cfg.kind == "topk":
-        weight_TK, expert_TK = torch.topk(probs_TE, cfg.topk, dim=-1)
-        if cfg.normalize_topk:
-            weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+        weight_TK, expert_TK = _topk(probs_TE, logits_TE, cfg)
+        if cfg.dropless:
+            keep_TK = torch.ones_like(expert_TK, dtype=torch.bool)
+        else:
+            keep_TK = topk_keep(expert_TK, num_experts, capacity(num_tokens * cfg.topk, num_experts, cfg.capacity_factor))
     else:
         weight_T, expert_T = torch.max(probs_TE, dim=-1)
         keep_TK = None

@@ -26,7 +26,7 @@ import torch.fx.traceback as fx_traceback
 from torch import Tensor, nn
 
 from lancet.moe.dispatch import combine, exchange, group_by_local_expert, group_size, plan_dispatch
-from lancet.moe.experts import GroupedExperts, compute_dtype
+from lancet.moe.experts import GroupedExperts, SharedExpert, compute_dtype
 from lancet.moe.gates import GateConfig, Routing, route
 from lancet.moe.padded import capacity_slots, exchange_even, slot_gather, slot_scatter
 
@@ -45,7 +45,9 @@ class MoELayer(nn.Module):
     """Top-k / switch MoE with experts sharded over ``group`` (None: all experts local).
 
     ``num_experts`` counts experts across the whole group; this rank holds
-    experts ``[rank * L, (rank + 1) * L)``.
+    experts ``[rank * L, (rank + 1) * L)``. ``experts`` replaces the default
+    ReLU FFNs with given local experts (e.g. ``GroupedGatedExperts``; ``d_hidden``
+    is then unused); ``shared_expert`` adds a dense FFN every token goes through.
     """
 
     def __init__(
@@ -55,6 +57,9 @@ class MoELayer(nn.Module):
         num_experts: int,
         gate: GateConfig,
         group: dist.ProcessGroup | None,
+        *,
+        experts: GroupedExperts | None = None,
+        shared_expert: SharedExpert | None = None,
     ) -> None:
         super().__init__()
         world = group_size(group)
@@ -69,7 +74,15 @@ class MoELayer(nn.Module):
         self.router = nn.Linear(d_model, num_experts, bias=False)
         local = num_experts // world
         rank = 0 if group is None else dist.get_rank(group)
-        self.experts = GroupedExperts(local, d_model, d_hidden, first_expert=rank * local)
+        if experts is None:
+            experts = GroupedExperts(local, d_model, d_hidden, first_expert=rank * local)
+        elif (experts.num_experts, experts.first_expert) != (local, rank * local):
+            raise ValueError(
+                f"rank {rank} of {world} holds experts {rank * local}..{rank * local + local - 1}, got "
+                f"{experts.num_experts} experts starting at {experts.first_expert}"
+            )
+        self.experts = experts
+        self.shared_expert = shared_expert
 
     @property
     def forward_all_to_alls(self) -> int:
@@ -90,6 +103,8 @@ class MoELayer(nn.Module):
                 out_TM, keep_TK = self._padded(tokens_TM, routing)
             else:
                 out_TM, keep_TK = self._ragged(tokens_TM, routing), routing.keep_TK
+        if self.shared_expert is not None:
+            out_TM = out_TM + self.shared_expert(tokens_TM)
         return MoEOutput(out=out_TM.view_as(x_BSM).to(x_BSM.dtype), aux_loss=routing.aux_loss, keep_TK=keep_TK)
 
     def _ragged(self, tokens_TM: Tensor, routing: Routing) -> Tensor:

@@ -1,0 +1,1 @@
+"""Integrations with other model libraries (app level: may import any lancet package)."""
