@@ -27,12 +27,13 @@ from __future__ import annotations
 
 from torch import fx
 
+from lancet.graph import meta
 from lancet.graph.reorder import apply_order
 from lancet.graph.roles import Role, collective_kind, node_role, wait_of
 
 
 def _is_backward(node: fx.Node) -> bool:
-    return node.meta.get("custom", {}).get("phase") == "backward"
+    return meta.get(node, meta.PHASE) == meta.BACKWARD
 
 
 def early_collectives(graph: fx.Graph) -> int:

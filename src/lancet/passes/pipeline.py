@@ -34,6 +34,7 @@ from torch import fx
 
 from collections.abc import Callable
 
+from lancet.graph import meta
 from lancet.graph.roles import Role, carries_tokens as _carries_tokens, collective_kind, node_role
 
 
@@ -64,7 +65,7 @@ def pipeline_order(
     stage = _stages(nodes, carries_tokens)
 
     def key(node: fx.Node) -> tuple[int, int, int]:
-        part = node.meta.get("custom", {}).get("part")
+        part = meta.part(node)
         return (stage[node], -1 if part is None else part, position[node])
 
     waiting = {n: sum(1 for p in set(n.all_input_nodes) if p in members) for n in nodes}
