@@ -11,6 +11,7 @@ fills while tracing, and that graph copies keep):
 | ``PART``     | the partition rewrite             | part index of a per-part copy, None when whole  |
 | ``PARTS``    | the partition rewrite             | number of parts of the node's region            |
 | ``ORIGIN``   | the partition rewrite             | name of the node a copy was made from           |
+| ``REGION``   | the partition rewrite             | index of the partitioned region a node belongs to |
 | ``TOKEN_ROWS``| the partition rewrite            | an all-to-all copy carries token rows (copies have no fake value to tell) |
 
 This module is a leaf (it imports nothing from lancet), so the layers that
@@ -43,6 +44,7 @@ GATE, DISPATCH = "gate", "dispatch"
 PART = "part"
 PARTS = "parts"
 ORIGIN = "origin"
+REGION = "region"
 TOKEN_ROWS = "token_rows"
 
 

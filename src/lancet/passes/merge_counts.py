@@ -40,6 +40,7 @@ from torch import fx
 
 from lancet.graph.reorder import apply_order, stable_topological_order
 from lancet.graph import meta
+from lancet.passes.protocol import PassResult
 from lancet.graph.roles import HOST_WAIT_OPS, TO_HOST_OPS, collective_kind, is_irregular_all_to_all, wait_of
 
 aten = torch.ops.aten
@@ -187,3 +188,8 @@ def merge_count_exchanges(graph: fx.Graph) -> int:
     if merged:
         apply_order(graph, stable_topological_order(graph))
     return merged
+
+
+def merge_counts_pass(forward, costs=None) -> PassResult:
+    """``merge_count_exchanges`` as a listed pass: in place on ``forward.gm.graph``; decisions: groups merged."""
+    return PassResult(forward, merge_count_exchanges(forward.gm.graph))
