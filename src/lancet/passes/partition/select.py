@@ -108,22 +108,37 @@ def _seams(graph: fx.Graph, axes: dict[fx.Node, Inferred]) -> list[tuple[int, in
     return runs
 
 
-def candidate_ranges(forward: ForwardGraph, batch_size: int) -> list[tuple[str, str]]:
-    """(start, end) node names around each MoE layer, from the graph alone (see the module docstring)."""
+def _layer_candidates(forward: ForwardGraph, batch_size: int) -> list[tuple[list[int], list[int]]]:
+    """Per MoE layer: candidate start positions (earliest first) and end positions (earliest first)."""
     graph = forward.graph
-    nodes = list(graph.nodes)
     spans = _layer_spans(graph)
-    stages = dispatch_stages(graph)
-    dispatch = {n for stage in stages for n in stage}
+    dispatch = {n for stage in dispatch_stages(graph) for n in stage}
     seams = _seams(graph, infer_forward_axes(graph, len(forward.param_names), batch_size, dispatch=dispatch))
-    ranges: list[tuple[str, str]] = []
+    found = []
     for i, (first, last) in enumerate(spans):
         before = spans[i - 1][1] if i else -1
-        after = spans[i + 1][0] if i + 1 < len(spans) else len(nodes)
+        after = spans[i + 1][0] if i + 1 < len(spans) else len(graph.nodes)
         starts = [run[1] for run in seams if before < run[1] < first][-2:] + [first]
         ends = [run[0] - 1 for run in seams if last < run[0] <= after][:2]
-        ranges += [(nodes[s].name, nodes[e].name) for s in starts for e in ends if (nodes[s].name, nodes[e].name) not in ranges]
-    return ranges
+        found.append((starts, ends))
+    return found
+
+
+def candidate_ranges(forward: ForwardGraph, batch_size: int) -> list[tuple[str, str]]:
+    """(start, end) node names around each MoE layer, from the graph alone (see the module docstring)."""
+    nodes = list(forward.graph.nodes)
+    ranges: list[tuple[str, str]] = []
+    for starts, ends in _layer_candidates(forward, batch_size):
+        ranges += [(nodes[s].name, nodes[e].name) for s in starts for e in ends]
+    return list(dict.fromkeys(ranges))
+
+
+def block_ranges(forward: ForwardGraph, batch_size: int) -> list[tuple[str, str]]:
+    """Per MoE layer, from its earliest candidate start to its earliest candidate end (a transformer block
+    holding the layer: attention through the MoE sublayer)."""
+    nodes = list(forward.graph.nodes)
+    return [(nodes[starts[0]].name, nodes[ends[0]].name) for starts, ends in _layer_candidates(forward, batch_size)
+            if ends]
 
 
 def dispatch_ranges(graph: fx.Graph) -> list[tuple[str, str]]:
