@@ -118,9 +118,11 @@ def _layer_candidates(forward: ForwardGraph, batch_size: int) -> list[tuple[list
     for i, (first, last) in enumerate(spans):
         before = spans[i - 1][1] if i else -1
         after = spans[i + 1][0] if i + 1 < len(spans) else len(graph.nodes)
-        starts = [run[1] for run in seams if before < run[1] < first][-2:] + [first]
-        ends = [run[0] - 1 for run in seams if last < run[0] <= after][:2]
-        found.append((starts, ends))
+        # A run reaching the stage (a chain of ops with no residual beside it) offers its far end instead.
+        starts = [run[1] if run[1] < first else run[0] for run in seams if before < run[1] and run[0] < first]
+        ends = [(run[0] if run[0] > last + 1 else run[1]) - 1 for run in seams if last < run[1] and run[0] <= after]
+        starts = list(dict.fromkeys(starts[-2:] + [first]))
+        found.append((starts, list(dict.fromkeys(ends))[:2]))
     return found
 
 
