@@ -58,20 +58,20 @@ def reference_plan(train_step, tokens: torch.Tensor, targets: torch.Tensor, iden
                                              chosen=order.name)
     forward = capture_forward(train_step, tokens, targets)
     plan.forward_fingerprint = graph_fingerprint(forward.graph)
-    decisions = PartitionDecisions([Region(s, e, parts) for s, e in widest_ranges(forward.graph)])
+    decisions = PartitionDecisions([Region(s, e, parts) for s, e in widest_ranges(forward, tokens.shape[0])])
     partitioned = capture_partitioned_step(train_step, partition_pass(forward, decisions, tokens.shape[0]), tokens,
                                            targets)
     plan.variants["lancet-part"] = VariantPlan(partition=decisions, step_fingerprint=graph_fingerprint(partitioned.graph))
     return plan
 
 
-def widest_ranges(graph) -> list[tuple[str, str]]:
+def widest_ranges(forward, batch_size: int) -> list[tuple[str, str]]:
     """Non-overlapping candidate ranges, earliest start first, each the latest-ending one for its start."""
     from lancet.passes.partition.select import candidate_ranges
 
-    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    position = {n.name: i for i, n in enumerate(forward.graph.nodes)}
     chosen: list[tuple[str, str]] = []
-    for start, end in sorted(candidate_ranges(graph), key=lambda r: (position[r[0]], -position[r[1]])):
+    for start, end in sorted(candidate_ranges(forward, batch_size), key=lambda r: (position[r[0]], -position[r[1]])):
         if not chosen or position[start] > position[chosen[-1][1]]:
             chosen.append((start, end))
     return chosen

@@ -9,7 +9,7 @@ from lancet.app.config import RunConfig
 from lancet.runtime.dist import rank_runtime
 from lancet.graph.analysis import analyze
 from lancet.graph.shapes import record_shapes
-from lancet.app.inspect_report import print_summary, summarize, write_json
+from lancet.app.inspect_report import partition_findings, print_summary, summarize, write_json
 from lancet.app.train import build_session
 
 
@@ -21,6 +21,7 @@ def inspect_worker(run: RunConfig, json_path: str | None) -> dict:
         analysis = analyze(train_graph)
         shapes = record_shapes(train_graph.gm, [*session.params, tokens, targets])
         summary = summarize(train_graph, analysis, shapes)
+        summary["partition_findings"] = partition_findings(session.train_step, tokens, targets)
         if runtime.is_main:
             print_summary(summary, Console())
             if json_path:

@@ -57,6 +57,15 @@ def summarize(train_graph: TrainGraph, analysis: GraphAnalysis, shapes: ShapeRec
     return summary
 
 
+def partition_findings(train_step, tokens, targets) -> list[dict]:
+    """Why the range search would find no range, or ranges that run whole from some op on (as JSON)."""
+    from lancet.capture.trace import capture_forward
+    from lancet.passes.partition.select import range_findings
+
+    forward = capture_forward(train_step, tokens, targets)
+    return [f.to_json() for f in range_findings(forward, tokens.shape[0])]
+
+
 def print_summary(summary: dict, console: Console) -> None:
     console.print(f"[bold]captured step graph[/]: {summary['nodes']} nodes  {summary['roles']}")
     console.print(f"compute nodes by phase: {summary['compute_by_phase']} ({summary['view_nodes']} are views)")
@@ -72,6 +81,10 @@ def print_summary(summary: dict, console: Console) -> None:
     console.print(f"[bold]host syncs[/]: {len(summary['host_syncs'])}: {', '.join(summary['host_syncs'])}")
     missing = summary["ops_without_partition_rule"]
     console.print(f"[bold]ops with no partition rule[/]: {', '.join(missing) if missing else 'none'}")
+    from lancet.passes.partition.findings import Finding
+
+    for finding in summary.get("partition_findings", []):
+        console.print(f"[yellow]partition[/]: {Finding.from_json(finding).line()}")
 
 
 def write_json(summary: dict, path: str) -> None:

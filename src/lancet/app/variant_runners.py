@@ -31,18 +31,14 @@ def is_part_variant(base: str) -> bool:
 
 
 def block_partition_graph(train_step, tokens: torch.Tensor, targets: torch.Tensor, parts: int):
-    """The step with every MoE block's forward, from its first layer norm to its end, in ``parts`` parts."""
+    """The step with the block around every MoE layer (``block_ranges``) in ``parts`` parts."""
     from lancet.capture.trace import capture_forward
     from lancet.passes.partition.rewrite import PartitionDecisions, Region, partition_pass
-    from lancet.passes.partition.select import moe_blocks
+    from lancet.passes.partition.select import block_ranges
     from lancet.plan.plan import capture_partitioned_step
 
     forward = capture_forward(train_step, tokens, targets)
-    regions = []
-    for block in moe_blocks(forward.graph):
-        names = [n.name for n in forward.graph.nodes
-                 if (n.meta.get("custom", {}).get("module", "") + ".").startswith(block + ".")]
-        regions.append(Region(names[0], names[-1], parts))
+    regions = [Region(start, end, parts) for start, end in block_ranges(forward, tokens.shape[0])]
     partitioned = partition_pass(forward, PartitionDecisions(regions), tokens.shape[0])
     return capture_partitioned_step(train_step, partitioned, tokens, targets)
 

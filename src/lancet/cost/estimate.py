@@ -39,6 +39,7 @@ from torch import fx
 from lancet.cost.comm import CommProfile
 from lancet.cost.model import NodeCosts, host_scale
 from lancet.cost.profile import ComputeProfile, is_timed
+from lancet.graph import meta, ops
 from lancet.graph.roles import Role, collective_kind, is_view, node_role
 
 
@@ -51,7 +52,7 @@ class Sizes:
         for node in graph.nodes:
             value = node.meta.get("val")
             if isinstance(value, torch.SymInt):
-                parts = node.meta.get("custom", {}).get("parts") or 1
+                parts = meta.get(node, meta.PARTS) or 1
                 for symbol in value.node.expr.free_symbols:  # later (backward) uses carry no part marks
                     self.parts_of[symbol] = max(self.parts_of.get(symbol, 1), parts)
 
@@ -80,35 +81,34 @@ def _val(arg):
     return arg.meta.get("val") if isinstance(arg, fx.Node) else None
 
 
-_FLOP_OPS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "lancet.grouped_mm.default",
-             "lancet.grouped_mm_dw.default"}
+_FLOP_OPS = ops.MATMUL | ops.ATTENTION_FORWARD | ops.ATTENTION_BACKWARD
 
 
 def _matmul_flops(node: fx.Node, sizes: Sizes) -> float | None:
     """Floating-point operations of matrix products and attention (None for other ops)."""
-    target = str(node.target)
+    target = node.target
     args = [_val(a) for a in node.args]
     shape = lambda t: [sizes.dim(s) for s in t.shape]  # noqa: E731
-    if target in ("aten.mm.default", "aten.addmm.default"):
+    if target in ops.MM:
         a, b = args[-2], args[-1]
         (m, k), (_, n) = shape(a), shape(b)
         return 2 * m * k * n
-    if target == "aten.bmm.default":
+    if target == ops.BMM:
         (batch, m, k), (_, _, n) = shape(args[0]), shape(args[1])
         return 2 * batch * m * k * n
-    if target == "lancet.grouped_mm.default":
+    if target == ops.GROUPED_MM:
         (rows, k), (_, _, n) = shape(args[0]), shape(args[1])
         return 2 * rows * k * n
-    if target == "lancet.grouped_mm_dw.default":
+    if target == ops.GROUPED_MM_DW:
         (rows, k), (_, n) = shape(args[0]), shape(args[1])
         return 2 * rows * k * n
-    if "scaled_dot_product" in target:
+    if target in ops.ATTENTION_FORWARD or target in ops.ATTENTION_BACKWARD:
         q, k = args[0], args[1]
         if q is None or k is None or q.dim() != 4:
             return None
         batch, heads, sq, d = shape(q)
         sk = shape(k)[2] if k.dim() == 4 else sq
-        return 4 * batch * heads * sq * sk * d * (2.5 if "backward" in target else 1.0)
+        return 4 * batch * heads * sq * sk * d * (2.5 if target in ops.ATTENTION_BACKWARD else 1.0)
     return None
 
 
@@ -163,24 +163,24 @@ _FAR = 4.0
 than the bandwidth the large memory-bound ops reached."""
 
 
-def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[str, _Rate], _Rate]:
-    samples: dict[str, list[tuple[float, float]]] = {}
+def _fit(profile: ComputeProfile, graph: fx.Graph, sizes: Sizes) -> tuple[dict[object, _Rate], _Rate]:
+    samples: dict[object, list[tuple[float, float]]] = {}
     for node in graph.nodes:
         ms = profile.node_ms.get(node.name)
         if ms is None or node.op != "call_function":
             continue
         units = work(node, sizes)
         if units > 0:
-            samples.setdefault(str(node.target), []).append((units, ms))
+            samples.setdefault(node.target, []).append((units, ms))
     # Ops the profile never saw, and memory-bound ops far beyond their samples, are priced by bytes moved at
     # the bandwidth the large memory-bound ops reached.
-    memory = sorted(pt for op, pts in samples.items() if op not in _FLOP_OPS and "scaled_dot" not in op for pt in pts)
+    memory = sorted(pt for op, pts in samples.items() if op not in _FLOP_OPS for pt in pts)
     large = memory[len(memory) // 2 :] or [(1.0, 0.0)]
     bandwidth_rate = sum(ms for _, ms in large) / max(sum(u for u, _ in large), 1.0)
     floor = min((ms for _, ms in memory), default=0.0)
     rates = {}
     for op, pts in samples.items():
-        memory_bound = op not in _FLOP_OPS and "scaled_dot" not in op
+        memory_bound = op not in _FLOP_OPS
         rates[op] = _Rate.of(pts, bandwidth_rate if memory_bound else None)
     return rates, _Rate([], floor, bandwidth_rate)
 
@@ -195,9 +195,9 @@ class DerivedCostModel:
     rows_per_size: float
     """Expected rows behind one data-dependent size of the unpartitioned graph."""
     model_host: bool = True
-    _rates: dict[str, _Rate] = field(default_factory=dict)
+    _rates: dict[object, _Rate] = field(default_factory=dict)
     _default: _Rate | None = None
-    _targets: dict[str, str] = field(default_factory=dict)
+    _targets: dict[str, object] = field(default_factory=dict)
 
     _comm_scale: dict[str, float] = field(default_factory=dict)
     _host_scale: float = 1.0
@@ -212,7 +212,7 @@ class DerivedCostModel:
     def __post_init__(self) -> None:
         self._rates, self._default = _fit(self.profile, self.source_graph, Sizes(self.source_graph, self.rows_per_size))
         self._comm_scale = comm_scale(self.profile, self.comm)
-        self._targets = {n.name: str(n.target) for n in self.source_graph.nodes if n.op == "call_function"}
+        self._targets = {n.name: n.target for n in self.source_graph.nodes if n.op == "call_function"}
         self._host_scale = host_scale(self.profile, self.comm, self.source_graph)
 
     @staticmethod
@@ -222,18 +222,18 @@ class DerivedCostModel:
         In a step graph captured from a partitioned forward, backward nodes are new even where their
         names coincide with profiled ones; forward nodes outside the partitions keep their names.
         """
-        custom = node.meta.get("custom", {})
-        if "origin" in custom:
-            return custom["origin"]
-        if partitioned and custom.get("phase") != "forward":
+        custom = meta.custom(node)
+        if meta.ORIGIN in custom:
+            return custom[meta.ORIGIN]
+        if partitioned and custom.get(meta.PHASE) != meta.FORWARD:
             return None
         return node.name
 
     def _compute_ms(self, node: fx.Node, sizes: Sizes, partitioned: bool) -> float:
-        custom = node.meta.get("custom", {})
-        origin, part, parts = self._origin(node, partitioned), custom.get("part"), custom.get("parts") or 1
-        rate = self._rates.get(str(node.target), self._default)
-        if origin in self.profile.node_ms and self._targets.get(origin) == str(node.target):
+        custom = meta.custom(node)
+        origin, part, parts = self._origin(node, partitioned), custom.get(meta.PART), custom.get(meta.PARTS) or 1
+        rate = self._rates.get(node.target, self._default)
+        if origin in self.profile.node_ms and self._targets.get(origin) == node.target:
             base = self.profile.node_ms[origin]
             return base if part is None else max(base / parts, rate.floor_ms)
         return rate.ms(work(node, sizes))
@@ -245,7 +245,7 @@ class DerivedCostModel:
         if host:
             out.default_host_ms = statistics.median(host.values()) * self._host_scale
             out.collective_host_ms = self.comm.issue_ms
-        partitioned = any("parts" in n.meta.get("custom", {}) for n in graph.nodes)
+        partitioned = any(meta.PARTS in meta.custom(n) for n in graph.nodes)
         for node in graph.nodes:
             if node.op != "call_function":
                 continue

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from torch import fx
 
 from lancet.cost.model import NodeCosts
+from lancet.graph import meta
 from lancet.graph.regions import MIN_KERNELS, cut_regions
 
 
@@ -96,7 +97,7 @@ class ExecutorProfile:
 
 
 def _origin(node: fx.Node) -> str:
-    return node.meta.get("custom", {}).get("origin", node.name)
+    return meta.get(node, meta.ORIGIN, node.name)
 
 
 def price_for_executor(costs: NodeCosts, graph: fx.Graph, executor: ExecutorProfile) -> NodeCosts:

@@ -26,6 +26,7 @@ from torch import fx
 
 from lancet.cost.clock import Clock
 from lancet.cost.executor import ExecutorProfile
+from lancet.graph.ops import is_assert
 from lancet.graph.roles import Role, collective_kind, is_view, node_role
 from lancet.graph.shapes import output_bytes
 
@@ -56,7 +57,7 @@ def op_key(node: fx.Node, args: tuple, kwargs: dict) -> str:
 
 def is_timed(node: fx.Node) -> bool:
     """Nodes whose cost the profile measures: compute and host syncs that launch work (not views or asserts)."""
-    return node_role(node) in (Role.COMPUTE, Role.HOST_SYNC) and not is_view(node) and "assert" not in str(node.target)
+    return node_role(node) in (Role.COMPUTE, Role.HOST_SYNC) and not is_view(node) and not is_assert(node)
 
 
 class NodeTimer(fx.Interpreter):

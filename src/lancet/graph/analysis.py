@@ -20,7 +20,14 @@
       layer's backward produced);
 - the dW set: backward compute nodes with no ordering relative to at least one
   backward all-to-all (so they may run inside its window), each with the list
-  of all-to-alls it may overlap, in graph order.
+  of all-to-alls it may overlap, in graph order;
+- dispatch stages (``dispatch_stages``): per forward MoE layer, the nodes of
+  its row-local dispatch stage: those marked with ``lancet.graph.meta.dispatch_region``
+  (grouped into layers by data flow), or, for a layer with no marked node, the
+  nodes on a path from its dispatch all-to-all to its combine all-to-all.
+
+This is the one MoE-layer detector: passes, plans and reports ask it, never
+module names.
 """
 
 from __future__ import annotations
@@ -29,11 +36,11 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
-from lancet.capture.trace import TrainGraph
+from lancet.graph import meta
 from lancet.graph.deps import Reachability
 from lancet.graph.roles import Role, carries_tokens, collective_kind, node_role, wait_of
 
-FORWARD, BACKWARD = "forward", "backward"
+FORWARD, BACKWARD = meta.FORWARD, meta.BACKWARD
 
 
 @dataclass(slots=True, eq=False)
@@ -85,7 +92,7 @@ def node_phase(node: fx.Node) -> str:
     """forward/backward from the trace-time annotation; unannotated nodes (none in a TrainStep trace) are backward."""
     if node.op in ("placeholder", "output"):
         return node.op
-    return node.meta.get("custom", {}).get("phase", BACKWARD)
+    return meta.phase(node)
 
 
 def _split_key(start: fx.Node) -> frozenset[fx.Node]:
@@ -182,7 +189,7 @@ def _moe_layers(collectives: list[Collective], reach: Reachability) -> list[MoEL
         layers.append(
             MoELayerInfo(
                 index=i,
-                module=dispatch.start.meta.get("custom", {}).get("module", ""),
+                module=meta.module(dispatch.start),
                 counts=feeding[-1] if feeding else None,
                 dispatch=dispatch,
                 combine=combine,
@@ -218,8 +225,9 @@ def _dw_overlap(
     return overlap
 
 
-def analyze(train_graph: TrainGraph) -> GraphAnalysis:
-    graph = train_graph.graph
+def analyze(graph_or_step) -> GraphAnalysis:
+    """Facts of an ``fx.Graph`` (or of anything holding one as ``.graph``: a captured step or forward)."""
+    graph = graph_or_step if isinstance(graph_or_step, fx.Graph) else graph_or_step.graph
     reach = Reachability(graph)
     roles = {n: node_role(n) for n in graph.nodes}
     phase = {n: node_phase(n) for n in graph.nodes}
@@ -237,3 +245,66 @@ def analyze(train_graph: TrainGraph) -> GraphAnalysis:
     analysis.dw_overlap = _dw_overlap(graph, reach, roles, phase, collectives)
     return analysis
 
+
+
+def _components(nodes: list[fx.Node]) -> list[list[fx.Node]]:
+    """Connected components of the data-flow graph restricted to ``nodes`` (each in graph order)."""
+    members = set(nodes)
+    parent = {n: n for n in nodes}
+
+    def root(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for node in nodes:
+        for producer in node.all_input_nodes:
+            if producer in members:
+                parent[root(producer)] = root(node)
+    groups: dict[fx.Node, list[fx.Node]] = {}
+    for node in nodes:
+        groups.setdefault(root(node), []).append(node)
+    return list(groups.values())
+
+
+def _between(start: fx.Node, end: fx.Node, reach: Reachability) -> list[fx.Node]:
+    """Nodes on a path from ``start`` to ``end`` (both included), in graph order."""
+    return [n for n in reach.nodes if n in (start, end) or (reach.is_ancestor(start, n) and reach.is_ancestor(n, end))]
+
+
+def _marked_stages(graph: fx.Graph, anchors: list[fx.Node]) -> list[list[fx.Node]]:
+    """Marked dispatch nodes grouped into layers: a component holding a forward token all-to-all is a layer
+    (without any, every component is); other components join the layer they follow (or the first)."""
+    marked = [n for n in graph.nodes if n.op == "call_function" and meta.is_dispatch(n)]
+    components = _components(marked)
+    anchor_set = set(anchors)
+    layers = [c for c in components if anchor_set & set(c)] or components
+    if not layers:
+        return []
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    layers.sort(key=lambda c: position[c[0]])
+    firsts = [position[c[0]] for c in layers]
+    for component in components:
+        if any(component is layer for layer in layers):
+            continue
+        at = max((i for i, first in enumerate(firsts) if first <= position[component[0]]), default=0)
+        layers[at] = sorted(layers[at] + component, key=position.__getitem__)
+    return layers
+
+
+def dispatch_stages(graph: fx.Graph, analysis: GraphAnalysis | None = None) -> list[list[fx.Node]]:
+    """The dispatch stage of every forward MoE layer, in forward order (see the module docstring).
+
+    Marked stages come first from the marks; a layer found from its all-to-alls that holds no marked node
+    gets the nodes between its dispatch start and its combine wait.
+    """
+    analysis = analysis if analysis is not None else analyze(graph)
+    anchors = [layer.dispatch.start for layer in analysis.moe_layers]
+    stages = _marked_stages(graph, anchors)
+    covered = {n for stage in stages for n in stage}
+    for layer in analysis.moe_layers:
+        if layer.dispatch.start not in covered:
+            stages.append(_between(layer.dispatch.start, layer.combine.wait, analysis.reach))
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    return sorted(stages, key=lambda stage: position[stage[0]])

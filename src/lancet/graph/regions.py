@@ -35,24 +35,23 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import free_symbols
 
-from lancet.graph.roles import Role, is_view, node_role
+from lancet.graph import meta
+from lancet.graph.roles import TO_HOST_OPS, Role, is_view, node_role
 
 STATIC, DYNAMIC, SMALL = "static", "dynamic", "small"
 MIN_KERNELS = 2
 """A static run with fewer nodes that launch work is not worth a compiled call (it fuses nothing)."""
-TO_HOST_OPS = {"lancet.to_host.default"}
-"""The asynchronous device-to-host copy of split sizes: a boundary (its wait is a host wait)."""
 BOUNDARY_ROLES = (Role.COMM_START, Role.COMM_WAIT, Role.HOST_SYNC, Role.HOST_WAIT)
 
 
 def is_boundary(node: fx.Node) -> bool:
     """Nodes whose place the plan fixes: collectives, their waits, host syncs and waits, host copies."""
-    return node_role(node) in BOUNDARY_ROLES or str(node.target) in TO_HOST_OPS
+    return node_role(node) in BOUNDARY_ROLES or node.target in TO_HOST_OPS
 
 
 def node_phase(node: fx.Node) -> str:
     """The trace-time phase annotation; unannotated nodes count as backward (as in ``graph.analysis``)."""
-    return node.meta.get("custom", {}).get("phase", "backward")
+    return meta.phase(node)
 
 
 def _has_symbols(value: object) -> bool:

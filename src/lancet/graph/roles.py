@@ -13,6 +13,8 @@ import operator
 import torch
 from torch import fx
 
+import lancet.moe.host_copy  # noqa: F401  (registers lancet::to_host, lancet::host_wait)
+
 _functional = torch.ops._c10d_functional
 
 
@@ -34,9 +36,11 @@ COLLECTIVE_KINDS: dict[object, str] = {
 }
 WAIT_OPS = {_functional.wait_tensor.default}
 HOST_SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default}
-HOST_WAIT_OPS = {"lancet.host_wait.default"}
-"""Waits for an asynchronous device-to-host copy: the host blocks, the device does not."""
 """Scalar reads; a host sync when they read an accelerator tensor."""
+HOST_WAIT_OPS = {torch.ops.lancet.host_wait.default}
+"""Waits for an asynchronous device-to-host copy: the host blocks, the device does not."""
+TO_HOST_OPS = {torch.ops.lancet.to_host.default}
+"""The asynchronous device-to-host copy of split sizes: a boundary of compiled regions (its wait is a host wait)."""
 
 # Ops that only reinterpret or describe a tensor (no kernel of substance).
 VIEW_OPS = {
@@ -94,7 +98,7 @@ def node_role(node: fx.Node) -> Role:
         return Role.COMM_WAIT
     if _is_device_to_host_copy(node) or (node.target in HOST_SYNC_OPS and _reads_device_value(node)):
         return Role.HOST_SYNC
-    if str(node.target) in HOST_WAIT_OPS:
+    if node.target in HOST_WAIT_OPS:
         return Role.HOST_WAIT
     return Role.COMPUTE
 

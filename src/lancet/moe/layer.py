@@ -3,8 +3,8 @@
 Shape legend: B batch, S sequence, T = B*S tokens, M model dim, E experts,
 L local experts, R received rows.
 
-Traced nodes carry ``meta["custom"]["moe_stage"]``: ``gate`` for the routing
-decision, ``dispatch`` for everything from the sort by destination (ragged) or
+Traced nodes carry ``lancet.graph.meta.MOE_STAGE``: ``gate`` for the routing
+decision, ``dispatch`` (``lancet.graph.meta.dispatch_region``) for everything from the sort by destination (ragged) or
 the capacity slots (padded) to the combine. The dispatch stage is row-local:
 each token's output depends only on its own row and routing (and, padded, on
 the capacity of the tokens it runs on), so it may run on any subset of the
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.fx.traceback as fx_traceback
 from torch import Tensor, nn
 
+from lancet.graph import meta
 from lancet.moe.dispatch import combine, exchange, group_by_local_expert, group_size, plan_dispatch
 from lancet.moe.experts import GroupedExperts, SharedExpert, compute_dtype
 from lancet.moe.gates import GateConfig, Routing, route
@@ -94,11 +94,11 @@ class MoELayer(nn.Module):
     def forward(self, x_BSM: Tensor) -> MoEOutput:
         d_model = x_BSM.shape[-1]
         tokens_TM = x_BSM.reshape(-1, d_model)
-        with fx_traceback.annotate({"moe_stage": "gate"}):
+        with meta.gate_region():
             routing = route(self.router(tokens_TM), self.gate_cfg)
         # Everything from here to the combine treats each token's row on its own (routing is fixed):
         # the contract that lets a partition pass run it on any subset of tokens.
-        with fx_traceback.annotate({"moe_stage": "dispatch"}):
+        with meta.dispatch_region():
             if self.gate_cfg.padded:
                 out_TM, keep_TK = self._padded(tokens_TM, routing)
             else:

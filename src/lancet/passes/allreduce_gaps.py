@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx
 
+from lancet.passes.protocol import PassResult
 from lancet.capture.trace import TrainGraph
 from lancet.cost.model import NodeCosts
 from lancet.graph.analysis import Collective, analyze
@@ -136,8 +137,8 @@ def apply_allreduce_decisions(train_graph: TrainGraph, decisions: AllReduceDecis
     train_graph.gm.recompile()
 
 
-def allreduce_gaps_pass(train_graph: TrainGraph, costs: NodeCosts) -> tuple[TrainGraph, AllReduceDecisions]:
+def allreduce_gaps_pass(train_graph: TrainGraph, costs: NodeCosts) -> PassResult[TrainGraph]:
     """Reorder ``train_graph`` in place (see module contract); returns it and the decisions."""
     decisions = _decide(train_graph, costs)
     apply_allreduce_decisions(train_graph, decisions)
-    return train_graph, decisions
+    return PassResult(train_graph, decisions)

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+from lancet.passes.protocol import PassResult
 from lancet.capture.trace import TrainGraph
 from lancet.cost.model import NodeCosts
 from lancet.graph.analysis import Collective, GraphAnalysis, analyze
@@ -238,9 +239,9 @@ def dw_pass(
     *,
     memory_cap_bytes: int | None = None,
     force_last_chance: bool = True,
-) -> tuple[TrainGraph, DwDecisions]:
+) -> PassResult[TrainGraph]:
     """Reorder ``train_graph`` in place (see module contract); returns it and the decisions."""
     analysis = analyze(train_graph)
     decisions = _DwScheduler(analysis, costs, memory_cap_bytes).run(force_last_chance)
     apply_dw_decisions(train_graph, decisions)
-    return train_graph, decisions
+    return PassResult(train_graph, decisions)

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 from torch import fx
 
+from lancet.graph import meta
+from lancet.passes.protocol import PassResult
 from lancet.graph.reorder import apply_order
 from lancet.graph.roles import Role, collective_kind, node_role, wait_of
 
 
 def _is_backward(node: fx.Node) -> bool:
-    return node.meta.get("custom", {}).get("phase") == "backward"
+    return meta.get(node, meta.PHASE) == meta.BACKWARD
 
 
 def early_collectives(graph: fx.Graph) -> int:
@@ -57,3 +59,8 @@ def early_collectives(graph: fx.Graph) -> int:
     apply_order(graph, order)
     after = {n: (order[i - 1] if i else None) for i, n in enumerate(order)}
     return sum(1 for s in starts for n in (s, wait_of(s)) if before[n] is not after[n])
+
+
+def early_collectives_pass(train_graph, costs=None) -> PassResult:
+    """``early_collectives`` as a listed pass: in place, order-only; decisions: starts and waits moved."""
+    return PassResult(train_graph, early_collectives(train_graph.gm.graph))

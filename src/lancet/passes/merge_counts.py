@@ -39,14 +39,11 @@ import torch
 from torch import fx
 
 from lancet.graph.reorder import apply_order, stable_topological_order
-from lancet.graph.roles import HOST_WAIT_OPS, collective_kind, is_irregular_all_to_all, wait_of
+from lancet.graph import meta
+from lancet.passes.protocol import PassResult
+from lancet.graph.roles import HOST_WAIT_OPS, TO_HOST_OPS, collective_kind, is_irregular_all_to_all, wait_of
 
 aten = torch.ops.aten
-_TO_HOST = "lancet.to_host.default"
-
-
-def _custom(node: fx.Node) -> dict:
-    return node.meta.get("custom", {})
 
 
 def _is_count_exchange(node: fx.Node) -> bool:
@@ -57,12 +54,12 @@ def _is_count_exchange(node: fx.Node) -> bool:
     """
     if collective_kind(node) != "all_to_all" or is_irregular_all_to_all(node):
         return False
-    part = _custom(node).get("part")
+    part = meta.part(node)
     stack, seen = [wait_of(node)], set()
     while stack:
         current = stack.pop()
         for user in current.users:
-            if user in seen or _custom(user).get("part") != part or collective_kind(user) is not None:
+            if user in seen or meta.part(user) != part or collective_kind(user) is not None:
                 continue
             if _is_split_copy(user):
                 return True
@@ -72,7 +69,7 @@ def _is_count_exchange(node: fx.Node) -> bool:
 
 
 def _is_split_copy(node: fx.Node) -> bool:
-    return str(node.target) == _TO_HOST
+    return node.target in TO_HOST_OPS
 
 
 def _part_groups(graph: fx.Graph, member) -> list[list[fx.Node]]:
@@ -80,12 +77,12 @@ def _part_groups(graph: fx.Graph, member) -> list[list[fx.Node]]:
     by_origin: dict[str, dict[int, fx.Node]] = defaultdict(dict)
     parts_of: dict[str, int] = {}
     for node in graph.nodes:
-        custom = _custom(node)
-        if node.op != "call_function" or custom.get("part") is None or custom.get("moe_stage") != "dispatch":
+        custom = meta.custom(node)
+        if node.op != "call_function" or custom.get(meta.PART) is None or not meta.is_dispatch(node):
             continue
         if member(node):
-            by_origin[custom["origin"]][custom["part"]] = node
-            parts_of[custom["origin"]] = custom["parts"]
+            by_origin[custom[meta.ORIGIN]][custom[meta.PART]] = node
+            parts_of[custom[meta.ORIGIN]] = custom[meta.PARTS]
     return [
         [nodes[k] for k in range(parts_of[origin])]
         for origin, nodes in by_origin.items()
@@ -99,16 +96,16 @@ def _is_part_slice(node: fx.Node) -> bool:
 
 def _routing_is_whole(node: fx.Node) -> bool:
     """Every part-local ancestor of ``node`` is a dispatch-stage node or a slice of a whole value."""
-    part = _custom(node)["part"]
+    part = meta.part(node)
     stack, seen = list(node.all_input_nodes), set()
     while stack:
         producer = stack.pop()
-        if producer in seen or _custom(producer).get("part") != part:
+        if producer in seen or meta.part(producer) != part:
             continue
         seen.add(producer)
         if _is_part_slice(producer):
             continue
-        if _custom(producer).get("moe_stage") != "dispatch":
+        if not meta.is_dispatch(producer):
             return False
         stack.extend(producer.all_input_nodes)
     return True
@@ -116,7 +113,7 @@ def _routing_is_whole(node: fx.Node) -> bool:
 
 def _new(graph: fx.Graph, target, args, like: fx.Node) -> fx.Node:
     node = graph.call_function(target, args)
-    node.meta["custom"] = {**_custom(like), "part": None}
+    node.meta[meta.CUSTOM] = {**meta.custom(like), meta.PART: None}
     return node
 
 
@@ -156,7 +153,7 @@ def _merge_split_copies(graph: fx.Graph, copies: list[fx.Node]) -> bool:
     waits = []
     for copy in copies:
         users = list(copy.users)
-        if len(users) != 1 or str(users[0].target) not in HOST_WAIT_OPS:
+        if len(users) != 1 or users[0].target not in HOST_WAIT_OPS:
             return False
         waits.append(users[0])
     with graph.inserting_before(max(copies, key=_position(graph)).next):
@@ -191,3 +188,8 @@ def merge_count_exchanges(graph: fx.Graph) -> int:
     if merged:
         apply_order(graph, stable_topological_order(graph))
     return merged
+
+
+def merge_counts_pass(forward, costs=None) -> PassResult:
+    """``merge_count_exchanges`` as a listed pass: in place on ``forward.gm.graph``; decisions: groups merged."""
+    return PassResult(forward, merge_count_exchanges(forward.gm.graph))

@@ -17,6 +17,11 @@ Contract
   host waits for part k's split sizes only after every part's earlier-stage
   work has been issued, so the device keeps working while the host waits.
 
+- As a listed pass (``pipeline_order_pass``): every partitioned region of a
+  forward graph (its nodes carry ``lancet.graph.meta.REGION``; the partition
+  rewrite emits them contiguously) is re-ordered in place; an all-to-all copy
+  carries tokens when its ``TOKEN_ROWS`` mark says so.
+
 Pseudo-code
 -----------
     stage(n) = max(stage(inputs)) + (1 if n is a host wait or the wait of a token all-to-all else 0)
@@ -34,7 +39,9 @@ from torch import fx
 
 from collections.abc import Callable
 
+from lancet.graph import meta
 from lancet.graph.roles import Role, carries_tokens as _carries_tokens, collective_kind, node_role
+from lancet.passes.protocol import PassResult
 
 
 def _is_stage_boundary(node: fx.Node, carries_tokens: Callable[[fx.Node], bool]) -> bool:
@@ -55,6 +62,29 @@ def _stages(nodes: list[fx.Node], carries_tokens: Callable[[fx.Node], bool]) -> 
     return stage
 
 
+def _marked_carries_tokens(start: fx.Node) -> bool:
+    marked = meta.get(start, meta.TOKEN_ROWS)
+    return _carries_tokens(start) if marked is None else marked
+
+
+def pipeline_order_pass(graph_holder, costs=None) -> PassResult:
+    """Order every partitioned region of ``graph_holder.gm.graph`` stage-major (in place, order-only).
+
+    Decisions out: the number of regions re-ordered.
+    """
+    graph = graph_holder.gm.graph
+    regions: dict[int, list[fx.Node]] = {}
+    for node in graph.nodes:
+        index = meta.get(node, meta.REGION)
+        if index is not None:
+            regions.setdefault(index, []).append(node)
+    for nodes in regions.values():
+        after_region = nodes[-1].next
+        for node in pipeline_order(nodes, _marked_carries_tokens):
+            after_region.prepend(node)
+    return PassResult(graph_holder, len(regions))
+
+
 def pipeline_order(
     nodes: list[fx.Node], carries_tokens: Callable[[fx.Node], bool] = _carries_tokens
 ) -> list[fx.Node]:
@@ -64,7 +94,7 @@ def pipeline_order(
     stage = _stages(nodes, carries_tokens)
 
     def key(node: fx.Node) -> tuple[int, int, int]:
-        part = node.meta.get("custom", {}).get("part")
+        part = meta.part(node)
         return (stage[node], -1 if part is None else part, position[node])
 
     waiting = {n: sum(1 for p in set(n.all_input_nodes) if p in members) for n in nodes}

@@ -28,6 +28,7 @@ from lancet.cost.estimate import DerivedCostModel
 from lancet.cost.executor import ExecutorCostModel
 from lancet.cost.model import ProfiledCostModel, host_scale
 from lancet.cost.profile import ComputeProfile, graph_fingerprint
+from lancet.passes.partition.findings import Finding
 from lancet.passes.partition.rewrite import drop_semantics, partition_pass
 from lancet.passes.partition.select import select_partitions
 from lancet.plan.plan import Plan, VariantPlan, capture_partitioned_step, choose_order
@@ -259,6 +260,8 @@ def print_prediction(result: OptimizeResult, console: Console) -> None:
         console.print(f"priced for the {executor} executor: compiled regions at their measured compiled/eager "
                       "device-time ratio" + ("; host issue of a graph replay taken as 0" if executor == "cudagraph"
                                              else "; one host call per compiled region"))
+    for finding in selection.get("findings", []):
+        console.print(f"[yellow]range search: {Finding.from_json(finding).line()}")
     dw = plan.variants["lancet-dw"].dw
     if dw is not None:
         console.print(f"lancet-dw: dW nodes moved into all-to-all windows: {dw.num_moved}")

@@ -19,10 +19,11 @@ from lancet.capture.trace import ForwardGraph, TrainGraph, capture_forward, capt
 from lancet.cost.model import NodeCosts
 from lancet.cost.profile import graph_fingerprint
 from lancet.graph.reorder import apply_order
-from lancet.passes.allreduce_gaps import AllReduceDecisions, allreduce_gaps_pass, apply_allreduce_decisions
-from lancet.passes.dw import DwDecisions, apply_dw_decisions, dw_pass
-from lancet.passes.early_collectives import early_collectives
+from lancet.passes.allreduce_gaps import AllReduceDecisions, apply_allreduce_decisions
+from lancet.passes.dw import DwDecisions, apply_dw_decisions
 from lancet.passes.partition.rewrite import PartitionDecisions, partition_pass
+from lancet.passes.protocol import run_passes
+from lancet.plan.pipelines import ALLREDUCE_GAPS, DW, PARTITIONED_STEP, order_passes, order_pipelines
 from lancet.sim.simulator import Timeline, simulate
 from lancet.step.train_step import TrainStep
 
@@ -133,23 +134,21 @@ class OrderChoice:
 def choose_order(
     train_graph: TrainGraph, costs: NodeCosts, *, schedule_dw: bool = True, memory_cap_bytes: int | None = None
 ) -> tuple[OrderChoice, Timeline]:
-    """Simulate every combination of the order-only passes; apply the fastest to ``train_graph`` (in place).
+    """Simulate every pipeline of ``lancet.plan.pipelines.ORDER_PIPELINES``; apply the fastest to
+    ``train_graph`` (in place).
 
     Returns the choice and the timeline of the order the graph came in. Ties go
-    to fewer passes.
+    to the pipeline listed first (fewer passes).
     """
     graph = train_graph.graph
     original = list(graph.nodes)
     before = simulate(graph, costs)
-    found = [OrderChoice(None, None, "none", before, {})]
-    _, allreduce = allreduce_gaps_pass(train_graph, costs)
-    found.append(OrderChoice(None, allreduce, "allreduce", simulate(graph, costs), {}))
-    apply_order(graph, original)
-    if schedule_dw:
-        _, dw = dw_pass(train_graph, costs, memory_cap_bytes=memory_cap_bytes)
-        found.append(OrderChoice(dw, None, "dw", simulate(graph, costs), {}))
-        _, allreduce = allreduce_gaps_pass(train_graph, costs)
-        found.append(OrderChoice(dw, allreduce, "dw+allreduce", simulate(graph, costs), {}))
+    passes = order_passes(memory_cap_bytes=memory_cap_bytes)
+    found = []
+    for name, names in order_pipelines(schedule_dw=schedule_dw).items():
+        result = run_passes(train_graph, [passes[n] for n in names], lambda _: costs)
+        timeline = simulate(graph, costs) if names else before
+        found.append(OrderChoice(result.decisions.get(DW), result.decisions.get(ALLREDUCE_GAPS), name, timeline, {}))
         apply_order(graph, original)
     train_graph.gm.recompile()
     best = min(found, key=lambda c: c.timeline.makespan_ms)
@@ -173,9 +172,8 @@ def capture_partitioned_step(
 ) -> TrainGraph:
     """The whole step of a partitioned forward, its backward all-to-alls issued early and awaited late."""
     train_graph = capture_step_from_forward(train_step, partitioned, tokens, targets)
-    early_collectives(train_graph.graph)
-    train_graph.gm.recompile()
-    return train_graph
+    passes = order_passes()
+    return run_passes(train_graph, [passes[name] for name in PARTITIONED_STEP]).graph
 
 
 def _check(fingerprint: str, expected: str, what: str) -> None:

@@ -24,8 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from lancet.graph.regions import TO_HOST_OPS, first_backward_node, is_dynamic
-from lancet.graph.roles import Role, node_role, wait_of
+from lancet.graph import meta
+from lancet.graph.regions import first_backward_node, is_dynamic
+from lancet.graph.roles import TO_HOST_OPS, Role, node_role, wait_of
 
 
 class GraphCaptureError(RuntimeError):
@@ -33,7 +34,7 @@ class GraphCaptureError(RuntimeError):
 
 
 def _describe(node: fx.Node, what: str) -> str:
-    module = node.meta.get("custom", {}).get("module")
+    module = meta.module(node)
     return f"{what} {node.name} ({node.target}{f', module {module}' if module else ''})"
 
 
@@ -50,7 +51,7 @@ def graph_blockers(graph: fx.Graph) -> list[str]:
             blockers.append(_describe(node, "host sync"))
         elif role == Role.HOST_WAIT:
             blockers.append(_describe(node, "host wait"))
-        elif str(node.target) in TO_HOST_OPS:
+        elif node.target in TO_HOST_OPS:
             blockers.append(_describe(node, "copy to the host"))
         elif role == Role.COMM_START and is_dynamic(node):
             blockers.append(_describe(node, "collective with data-dependent sizes"))

@@ -35,6 +35,7 @@ from torch.fx.passes.split_module import split_module
 from torch.fx.passes.utils.fuser_utils import fuse_as_graphmodule
 
 from lancet.capture.trace import TrainGraph
+from lancet.graph import meta
 from lancet.graph.regions import MIN_KERNELS, Region, cut_regions, first_backward_node
 from lancet.step.train_step import PHASE_ANNOTATION
 
@@ -125,7 +126,7 @@ def _fuse_regions(gm: fx.GraphModule, regions: list[Region], env: dict[fx.Node, 
     for region in (r for r in regions if r.compiled):
         name = f"{REGION_PREFIX}{region.index}"
         node = _fuse(gm, [env[n] for n in region.nodes], name)
-        node.meta["custom"] = {"phase": region.phase}
+        node.meta[meta.CUSTOM] = {meta.PHASE: region.phase}
         calls[region.index] = RegionCall(region, getattr(gm, name))
         setattr(gm, name, calls[region.index])
     gm.graph.lint()

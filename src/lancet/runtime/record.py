@@ -21,21 +21,20 @@ from collections.abc import Iterator
 import torch
 from torch import fx
 
-from lancet.graph.regions import TO_HOST_OPS, Region
-from lancet.graph.roles import COLLECTIVE_KINDS, HOST_WAIT_OPS, WAIT_OPS
+from lancet.graph.regions import Region
+from lancet.graph.roles import COLLECTIVE_KINDS, HOST_WAIT_OPS, TO_HOST_OPS, WAIT_OPS
 from lancet.runtime.program import REGION_ANNOTATION
 
-RECORDED_OPS = {str(op) for op in (*COLLECTIVE_KINDS, *WAIT_OPS)} | HOST_WAIT_OPS | TO_HOST_OPS
-"""Ops whose place the plan fixes (collective starts and waits, host copies and waits), as ``ns.name.overload``."""
+RECORDED_OPS = {*COLLECTIVE_KINDS, *WAIT_OPS, *HOST_WAIT_OPS, *TO_HOST_OPS}
+"""Ops whose place the plan fixes (collective starts and waits, host copies and waits)."""
 
 Event = tuple[str, object]
 """``("op", "ns::name")`` for a recorded op, ``("region", index)`` for a compiled region's call."""
 
 
-def _profiler_name(op_name: str) -> str:
-    """``ns.name.overload`` (how fx prints an op) -> ``ns::name`` (how the profiler names its event)."""
-    namespace, name = op_name.split(".")[:2]
-    return f"{namespace}::{name}"
+def _profiler_name(op) -> str:
+    """``ns::name``: how the profiler names an op's event."""
+    return op._schema.name
 
 
 _RECORDED = {_profiler_name(name) for name in RECORDED_OPS}
@@ -71,6 +70,6 @@ def expected_execution(graph: fx.Graph, regions: list[Region], compiled: set[int
     for node in graph.nodes:
         if node in first_node:
             events.append(("region", first_node[node]))
-        elif node.op == "call_function" and str(node.target) in RECORDED_OPS:
-            events.append(("op", _profiler_name(str(node.target))))
+        elif node.op == "call_function" and node.target in RECORDED_OPS:
+            events.append(("op", _profiler_name(node.target)))
     return events

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from torch import fx
 
 from lancet.cost.model import NodeCosts
-from lancet.graph.roles import Role, is_view, node_role
+from lancet.graph.roles import Role, collective_kind, is_view, node_role
 from lancet.sim.intervals import subtract, total_length
 
 
@@ -182,7 +182,7 @@ class _Rank:
         self.comm_free = end
         self.comm_busy.append((start, end))
         self.comm_ends.append(end)
-        kind = str(node.target).split(".")[-2]
+        kind = collective_kind(node)
         if start > arrived:
             self.timeline.intervals.append(Interval(node.name, "comm", arrived, start, "waiting for other ranks"))
         self.timeline.intervals.append(Interval(node.name, "comm", start, end, kind))

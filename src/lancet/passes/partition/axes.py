@@ -13,6 +13,16 @@ earlier parts (``carry``). Sorts, reductions over the token axis, and anything
 touching a ``PERMUTED`` value are not part-exact: a partition runs them once,
 on the whole tensor. An op with no rule at all raises ``NoRule``.
 
+Rules live in a registry users extend (``register_axis_rule``). The Rule
+contract: ``rule(node, ctx) -> Inferred`` for a ``call_function`` node whose
+target the rule is registered for (an ``OpOverload``; registering an
+``OpOverloadPacket`` covers all its overloads). ``ctx.axis(arg)`` gives an
+input's axis (``REPLICATED`` for constants and non-nodes); ``ctx.batch_size`` the
+samples per batch. Return the output's ``Axis`` (a tuple for ops with several
+outputs) and whether the op is part-exact; raise ``NoRule`` with a reason when
+the op cannot follow the token axis (e.g. it mixes tokens). A rule must not
+change the graph.
+
 Token dims must hold whole samples (sample-major, sizes multiple of the batch
 size), so splitting a token dim into parts splits samples.
 
@@ -34,6 +44,7 @@ import torch
 from torch import fx
 
 import lancet.moe.padded  # noqa: F401  (registers the lancet:: ops the rules name)
+from lancet.graph import meta
 
 aten = torch.ops.aten
 lancet_ops = torch.ops.lancet
@@ -482,6 +493,57 @@ def _slot_gather(node: fx.Node, ctx: Context) -> Inferred:
     return Inferred(TOKEN(0))
 
 
+def _pointwise_inplace(node: fx.Node, ctx: Context) -> Inferred:
+    """An in-place pointwise op (``add_`` in a traced ``F.rms_norm``): as its out-of-place form when only this
+    node reads the tensor it mutates (a temporary), so the mutation is seen by nobody else."""
+    target = node.args[0]
+    if not isinstance(target, fx.Node) or target.op != "call_function" or len(target.users) != 1:
+        raise NoRule(f"{node.name}: in-place op on a value other nodes read")
+    return _pointwise(node, ctx)
+
+
+def _normalize(node: fx.Node, ctx: Context) -> Inferred:
+    """rms_norm(x, shape, weight, eps) as one op: the output follows x; the weight must be whole."""
+    for arg in _tensor_args(node)[1:]:
+        if ctx.axis(arg).kind != "replicated":
+            raise NoRule(f"{node.name}: split weight")
+    axis = ctx.axis(node.args[0])
+    if axis.kind != "replicated" and axis.dim >= _ndim(node.args[0]) - len(node.args[1]):
+        raise NoRule(f"{node.name}: normalizes over the token dim")
+    return _inexact_if_permuted(axis)
+
+
+def _repeat(node: fx.Node, ctx: Context) -> Inferred:
+    """repeat(x, sizes): the token dim must be repeated once; leading new dims shift it."""
+    axis = ctx.axis(node.args[0])
+    if axis.kind == "replicated":
+        return Inferred(REPLICATED)
+    sizes = list(node.args[1])
+    dim = axis.dim + len(sizes) - _ndim(node.args[0])
+    if sizes[dim] != 1:
+        raise NoRule(f"{node.name}: repeats the token dim")
+    return _inexact_if_permuted(Axis(axis.kind, dim))
+
+
+def _repeat_interleave(node: fx.Node, ctx: Context) -> Inferred:
+    """repeat_interleave(x, repeats, dim) along a non-token dim."""
+    axis = ctx.axis(node.args[0])
+    if axis.kind == "replicated" and ctx.axis(node.args[1] if len(node.args) > 1 else None).kind == "replicated":
+        return Inferred(REPLICATED)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if axis.kind == "replicated" or dim is None or _norm(dim, _ndim(node.args[0])) == axis.dim:
+        raise NoRule(f"{node.name}: repeat_interleave along or across the token dim")
+    return _inexact_if_permuted(axis)
+
+
+def _triangle(node: fx.Node, ctx: Context) -> Inferred:
+    """tril/triu act on the last two dims: part-exact when the token dim is not one of them."""
+    axis = ctx.axis(node.args[0])
+    if axis.kind != "replicated" and axis.dim >= _ndim(node.args[0]) - 2:
+        raise NoRule(f"{node.name}: triangle over the token dim")
+    return _inexact_if_permuted(axis)
+
+
 POINTWISE = [
     aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.mul.Tensor, aten.mul.Scalar,
     aten.div.Tensor, aten.div.Scalar, aten.div.Tensor_mode, aten.neg.default, aten.exp.default,
@@ -491,6 +553,14 @@ POINTWISE = [
     aten.gt.Tensor, aten.lt.Tensor, aten.logical_and.default, aten.logical_not.default,
     aten.bitwise_and.Tensor, aten.bitwise_not.default, aten.clamp.default, aten.clamp_min.default, aten.masked_fill.Scalar,
     aten.floor_divide.default, aten.remainder.Scalar,
+    aten.silu.default, aten.cos.default, aten.sin.default, aten.reciprocal.default, aten.abs.default,
+    aten.erf.default, aten.log1p.default, aten.maximum.default, aten.minimum.default, aten.pow.Tensor_Tensor,
+    aten.pow.Scalar, aten.masked_fill.Tensor, aten.logical_or.default, aten.bitwise_or.Tensor, aten.ne.Tensor,
+    aten.le.Tensor, aten.sign.default, aten.clamp.Tensor,
+]
+POINTWISE_INPLACE = [
+    aten.add_.Scalar, aten.add_.Tensor, aten.sub_.Scalar, aten.sub_.Tensor, aten.mul_.Scalar, aten.mul_.Tensor,
+    aten.div_.Scalar, aten.div_.Tensor,
 ]
 LIKE = [
     aten.clone.default, aten._to_copy.default, aten.detach.default, aten.alias.default,
@@ -504,6 +574,7 @@ CONSTANT = [
 ]
 
 RULES: dict[object, Rule] = {op: _pointwise for op in POINTWISE}
+RULES.update({op: _pointwise_inplace for op in POINTWISE_INPLACE})
 RULES.update({op: _like for op in LIKE})
 RULES.update({op: _constant for op in CONSTANT})
 RULES.update(
@@ -536,6 +607,18 @@ RULES.update(
         aten.all.default: _reduce,
         aten.any.default: _reduce,
         aten.amax.default: _reduce,
+        aten.amin.default: _reduce,
+        aten.argmax.default: _reduce,
+        aten.argmin.default: _reduce,
+        aten.any.dim: _reduce,
+        aten.prod.dim_int: _reduce,
+        aten.rms_norm.default: _normalize,
+        aten._fused_rms_norm.default: _first_follows(2),
+        aten.repeat.default: _repeat,
+        aten.repeat_interleave.self_int: _repeat_interleave,
+        aten.repeat_interleave.self_Tensor: _repeat_interleave,
+        aten.tril.default: _triangle,
+        aten.triu.default: _triangle,
         aten.logsumexp.default: _reduce,
         aten.stack.default: _stack,
         aten.gather.default: _gather,
@@ -568,6 +651,24 @@ RULES.update(
 )
 
 
+def register_axis_rule(op, rule: Rule | None = None):
+    """Register ``rule`` for ``op`` (an OpOverload, or an OpOverloadPacket for all its overloads); as a
+    decorator when ``rule`` is left out. A later registration replaces an earlier one."""
+
+    def register(fn: Rule) -> Rule:
+        overloads = [getattr(op, name) for name in op.overloads()] if isinstance(op, torch._ops.OpOverloadPacket) else [op]
+        for overload in overloads:
+            RULES[overload] = fn
+        return fn
+
+    return register if rule is None else register(rule)
+
+
+def axis_rule(op) -> Rule | None:
+    """The rule registered for ``op`` (None without one)."""
+    return RULES.get(op)
+
+
 def infer(node: fx.Node, ctx: Context) -> Inferred:
     """Apply ``node``'s rule; raises NoRule."""
     rule = RULES.get(node.target)
@@ -582,8 +683,7 @@ def unsupported_ops(graph: fx.Graph) -> list[str]:
     for node in graph.nodes:
         if node.op != "call_function" or node.target in RULES:
             continue
-        custom = node.meta.get("custom", {})
-        if custom.get("phase") != "forward" or custom.get("moe_stage") == "dispatch":
+        if meta.phase(node) != meta.FORWARD or meta.is_dispatch(node):
             continue
         if not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
             continue  # Python scalar arithmetic on sizes

@@ -27,10 +27,14 @@ Contract
 - Raises ``PartitionError`` (never degrades silently) when a region is not
   partitionable: a MoE dispatch stage only partly inside, a part-local value
   that would have to leave its parts, a batch not divisible by ``n``.
-- Nodes carry ``meta["custom"]`` ``part``/``parts``/``origin`` for the
-  pipeline order and the cost model.
-- Where the parts' routing was computed whole, their split-size exchanges are
-  merged into one per layer (``lancet.passes.merge_counts``).
+- MoE dispatch stages are those ``lancet.graph.analysis.dispatch_stages``
+  finds (marked, or derived from the all-to-alls); derived stages are marked
+  on the copy.
+- In place on nothing: the pass copies the graph. New nodes carry
+  ``lancet.graph.meta`` ``PART``/``PARTS``/``ORIGIN``/``REGION`` for the
+  pipeline order (``lancet.passes.pipeline``, the next listed pass), the
+  count merge (``lancet.passes.merge_counts``) and the cost model; the
+  region's nodes are emitted in a valid (unpipelined) order.
 
 Pseudo-code
 -----------
@@ -38,11 +42,11 @@ Pseudo-code
     for each region: classify nodes (hoisted / dispatch / part / carry / whole), repair edges
         emit per node: n part copies (sliced inputs, token sizes / n) or one whole copy (gathered inputs)
         route uses outside the region to the concatenation of the parts
-        order the new nodes with the pipeline schedule
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass, field
 
@@ -50,11 +54,14 @@ import torch
 from torch import fx
 
 from lancet.capture.trace import ForwardGraph
-from lancet.graph.roles import carries_tokens
+from lancet.graph import meta, ops
+from lancet.graph.analysis import dispatch_stages
+from lancet.graph.roles import carries_tokens, collective_kind
 from lancet.moe.gates import capacity
 from lancet.passes.partition.axes import REPLICATED, Axis, Context, Inferred, NoRule, TOKEN, infer
-from lancet.passes.merge_counts import merge_count_exchanges
-from lancet.passes.pipeline import pipeline_order
+from lancet.passes.merge_counts import merge_counts_pass
+from lancet.passes.pipeline import pipeline_order_pass
+from lancet.passes.protocol import Pass, PassResult, run_passes
 
 aten = torch.ops.aten
 HOISTED, DISPATCH, PART, CARRY, WHOLE = "hoisted", "dispatch", "part", "carry", "whole"
@@ -92,11 +99,7 @@ class PartitionDecisions:
         return cls(regions=[Region.from_json(r) for r in data["regions"]])
 
 
-def is_dispatch(node: fx.Node) -> bool:
-    return node.meta.get("custom", {}).get("moe_stage") == "dispatch"
-
-
-_CAPACITY_SLOTS = "lancet.capacity_slots.default"
+is_dispatch = meta.is_dispatch
 MICRO_BATCH, WHOLE_BATCH = "micro-batch", "whole-batch"
 
 
@@ -107,14 +110,11 @@ def drop_semantics(graph: fx.Graph) -> str:
     ``int(cf * ceil((T / n) / E))``. ``whole-batch``: ragged dispatch, the drops of the unpartitioned layer.
     Both when the graph has layers of both kinds ("micro-batch+whole-batch"); "" without MoE layers.
     """
-    padded = {_module(n) for n in graph.nodes if str(n.target) == _CAPACITY_SLOTS}
-    ragged = {_module(n) for n in graph.nodes if is_dispatch(n)} - padded
+    stages = dispatch_stages(graph)
+    padded = [s for s in stages if any(n.target == ops.CAPACITY_SLOTS for n in s)]
+    ragged = [s for s in stages if not any(n.target == ops.CAPACITY_SLOTS for n in s)]
     kinds = [name for name, layers in ((MICRO_BATCH, padded), (WHOLE_BATCH, ragged)) if layers]
     return "+".join(kinds)
-
-
-def _module(node: fx.Node) -> str:
-    return node.meta.get("custom", {}).get("module", "")
 
 
 class _StrictContext(Context):
@@ -125,12 +125,18 @@ class _StrictContext(Context):
         return axis
 
 
-def infer_forward_axes(graph: fx.Graph, num_params: int, batch_size: int) -> dict[fx.Node, Inferred]:
+def infer_forward_axes(
+    graph: fx.Graph, num_params: int, batch_size: int, reasons: dict[fx.Node, str] | None = None,
+    dispatch: set[fx.Node] | None = None,
+) -> dict[fx.Node, Inferred]:
     """Axes of every forward node (params replicated, tokens/targets on dim 0); unknown where no rule applies.
 
     Dispatch-stage nodes are ``rows`` (part-local); one consumed outside its stage (or returned) must be
     token-major: the combine's output, or the keep mask the padded dispatch decides. It is ``TOKEN(0)``.
+    ``reasons`` (if given) receives why each unknown node has no axis. ``dispatch``: the dispatch-stage
+    nodes (default: the marked ones).
     """
+    in_dispatch = meta.is_dispatch if dispatch is None else dispatch.__contains__
     axes: dict[fx.Node, Inferred] = {}
     ctx = _StrictContext(axes, batch_size)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -139,14 +145,16 @@ def infer_forward_axes(graph: fx.Graph, num_params: int, batch_size: int) -> dic
     for node in graph.nodes:
         if node.op != "call_function":
             continue
-        if is_dispatch(node):
-            leaves = any(not is_dispatch(u) for u in node.users)
+        if in_dispatch(node):
+            leaves = any(not in_dispatch(u) for u in node.users)
             axes[node] = Inferred(TOKEN(0) if leaves else Axis("rows"), exact=False)
             continue
         try:
             axes[node] = infer(node, ctx)
-        except NoRule:
+        except NoRule as err:
             axes[node] = Inferred(UNKNOWN, exact=False)
+            if reasons is not None:
+                reasons[node] = str(err)
     return axes
 
 
@@ -242,24 +250,28 @@ def _make_whole(node: fx.Node, mode: dict[fx.Node, str]) -> bool:
     return True
 
 
-def _check_dispatch_complete(graph: fx.Graph, nodes: list[fx.Node]) -> None:
+def _check_dispatch_complete(stages: list[list[fx.Node]], nodes: list[fx.Node]) -> None:
     members = set(nodes)
-    layers = {_module(n) for n in nodes if is_dispatch(n)}
-    for node in graph.nodes:
-        if is_dispatch(node) and _module(node) in layers and node not in members:
-            raise PartitionError(f"the MoE dispatch of {_module(node)} is only partly inside the region")
+    for i, stage in enumerate(stages):
+        inside = [n for n in stage if n in members]
+        if inside and len(inside) != len(stage):
+            outside = next(n for n in stage if n not in members)
+            raise PartitionError(
+                f"the dispatch stage of MoE layer {i} ({meta.module(stage[0]) or 'no module'}) is only partly "
+                f"inside the region ({outside.name} is not)"
+            )
 
 
 def _check_part_capacity(nodes: list[fx.Node], parts: int) -> None:
     """Each part of a padded layer needs a capacity of at least one slot per expert."""
     for node in nodes:
-        if str(node.target) != _CAPACITY_SLOTS:
+        if node.target != ops.CAPACITY_SLOTS:
             continue
         tokens = int(node.args[0].meta["val"].shape[0]) // parts
         num_experts, capacity_factor = node.args[2], node.args[3]
         if capacity(tokens, num_experts, capacity_factor) < 1:
             raise PartitionError(
-                f"{_module(node)}: a part of {tokens} tokens has capacity 0 for {num_experts} experts at capacity "
+                f"{meta.module(node) or node.name}: a part of {tokens} tokens has capacity 0 for {num_experts} experts at capacity "
                 f"factor {capacity_factor:g}"
             )
 
@@ -267,8 +279,9 @@ def _check_part_capacity(nodes: list[fx.Node], parts: int) -> None:
 class _Rewriter:
     """Emits the partitioned copies of one region right before it and reroutes its outside uses."""
 
-    def __init__(self, graph: fx.Graph, region: _Region, axes: dict[fx.Node, Inferred]) -> None:
+    def __init__(self, graph: fx.Graph, region: _Region, axes: dict[fx.Node, Inferred], index: int) -> None:
         self.graph = graph
+        self.index = index
         self.region = region
         self.n = region.spec.parts
         self.axes = axes
@@ -276,17 +289,15 @@ class _Rewriter:
         self.parts: list[dict[fx.Node, fx.Node]] = [{} for _ in range(self.n)]
         self.whole: dict[fx.Node, fx.Node] = {}
         self.slices: dict[fx.Node, list[fx.Node]] = {}
-        self.created: list[fx.Node] = []
-        self.copied_from: dict[fx.Node, fx.Node] = {}
-        """Copy -> the original node (whose fake value the copy lacks)."""
+    def _marks(self, part: int | None, origin: fx.Node) -> dict:
+        marks = {meta.PART: part, meta.PARTS: self.n, meta.ORIGIN: origin.name, meta.REGION: self.index}
+        if collective_kind(origin) == "all_to_all":
+            marks[meta.TOKEN_ROWS] = carries_tokens(origin)  # copies have no fake value to tell
+        return marks
 
-    def _carries_tokens(self, start: fx.Node) -> bool:
-        return carries_tokens(self.copied_from.get(start, start))
-
-    def _new(self, target, args, kwargs=None, *, part: int | None, origin: str) -> fx.Node:
+    def _new(self, target, args, kwargs=None, *, part: int | None, origin: fx.Node) -> fx.Node:
         node = self.graph.call_function(target, args, kwargs or {})
-        node.meta["custom"] = {"phase": "forward", "part": part, "parts": self.n, "origin": origin}
-        self.created.append(node)
+        node.meta[meta.CUSTOM] = {meta.PHASE: meta.FORWARD, **self._marks(part, origin)}
         return node
 
     def _mode(self, node: fx.Node) -> str:
@@ -305,9 +316,9 @@ class _Rewriter:
         if value not in self.slices:
             # One split (its backward is a cat) rather than n slices (each backward zero-fills a whole tensor).
             step = _token_size(value, axis) // self.n
-            pieces = self._new(aten.split.Tensor, (source, step, axis.dim), part=None, origin=value.name)
+            pieces = self._new(aten.split.Tensor, (source, step, axis.dim), part=None, origin=value)
             self.slices[value] = [
-                self._new(operator.getitem, (pieces, i), part=i, origin=value.name) for i in range(self.n)
+                self._new(operator.getitem, (pieces, i), part=i, origin=value) for i in range(self.n)
             ]
         return self.slices[value][k]
 
@@ -326,7 +337,7 @@ class _Rewriter:
             self.whole[value] = self.parts[0][value]
         else:
             pieces = [self.parts[k][value] for k in range(self.n)]
-            self.whole[value] = self._new(aten.cat.default, (pieces, axis.dim), part=None, origin=value.name)
+            self.whole[value] = self._new(aten.cat.default, (pieces, axis.dim), part=None, origin=value)
         self._stands_for(self.whole[value], value)
         return self.whole[value]
 
@@ -339,11 +350,9 @@ class _Rewriter:
     def emit_part(self, node: fx.Node, k: int) -> None:
         copy = self.graph.node_copy(node, lambda a: self.part_value(a, k))
         copy.meta = {key: v for key, v in node.meta.items() if key != "val"}
-        copy.meta["custom"] = {**node.meta.get("custom", {}), "part": k, "parts": self.n, "origin": node.name}
+        copy.meta[meta.CUSTOM] = {**meta.custom(node), **self._marks(k, node)}
         if node.target in _SIZE_ARG_OPS:
             copy.args = (copy.args[0], self._scaled_shape(node), *copy.args[2:])
-        self.created.append(copy)
-        self.copied_from[copy] = node
         self.parts[k][node] = copy
 
     def _scaled_shape(self, node: fx.Node) -> list:
@@ -358,9 +367,7 @@ class _Rewriter:
     def emit_whole(self, node: fx.Node) -> None:
         copy = self.graph.node_copy(node, self.whole_value)
         copy.meta = {key: v for key, v in node.meta.items() if key != "val"}
-        copy.meta["custom"] = {**node.meta.get("custom", {}), "part": None, "parts": self.n, "origin": node.name}
-        self.created.append(copy)
-        self.copied_from[copy] = node
+        copy.meta[meta.CUSTOM] = {**meta.custom(node), **self._marks(None, node)}
         self.whole[node] = copy
         self._stands_for(copy, node)
 
@@ -370,18 +377,16 @@ class _Rewriter:
         carry = None
         for k in range(self.n):
             source = self.part_value(node.args[0], k)
-            local = self._new(node.target, (source, *node.args[1:]), dict(node.kwargs), part=k, origin=node.name)
+            local = self._new(node.target, (source, *node.args[1:]), dict(node.kwargs), part=k, origin=node)
             self.parts[k][node] = local
             if carry is not None:
-                self.parts[k][node] = self._new(aten.add.Tensor, (local, carry), part=k, origin=node.name)
+                self.parts[k][node] = self._new(aten.add.Tensor, (local, carry), part=k, origin=node)
             if k + 1 < self.n:
-                total = self._new(aten.sum.dim_IntList, (source, [dim], True), part=k, origin=node.name)
-                carry = total if carry is None else self._new(aten.add.Tensor, (carry, total), part=k, origin=node.name)
+                total = self._new(aten.sum.dim_IntList, (source, [dim], True), part=k, origin=node)
+                carry = total if carry is None else self._new(aten.add.Tensor, (carry, total), part=k, origin=node)
 
     def run(self) -> None:
         nodes = self.region.nodes
-        # The first node after the region outlives it (the anchor is erased with the originals).
-        after_region = nodes[-1].next
         anchor = next(n for n in nodes if self.region.mode[n] != HOISTED)
         for node in nodes:
             if self.region.mode[node] == HOISTED:
@@ -404,9 +409,6 @@ class _Rewriter:
         for node in reversed(nodes):
             if self.region.mode[node] != HOISTED:
                 self.graph.erase_node(node)
-        order = pipeline_order(self.created, self._carries_tokens)
-        for node in order:
-            after_region.prepend(node)
 
 
 def _token_size(node: fx.Node, axis: Axis) -> int:
@@ -422,21 +424,55 @@ def _copy_graph(forward: ForwardGraph) -> fx.GraphModule:
     return fx.GraphModule(forward.gm, graph)
 
 
-def partition_pass(forward: ForwardGraph, decisions: PartitionDecisions, batch_size: int) -> ForwardGraph:
-    """A new ForwardGraph with every region of ``decisions`` partitioned (see module contract)."""
+def mark_dispatch_stages(graph: fx.Graph) -> list[list[fx.Node]]:
+    """Mark every derived (unmarked) dispatch stage of ``graph`` as dispatch; returns all stages."""
+    stages = dispatch_stages(graph)
+    for stage in stages:
+        for node in stage:
+            if not meta.is_dispatch(node):
+                meta.update(node, **{meta.MOE_STAGE: meta.DISPATCH})
+    return stages
+
+
+def partition_rewrite_pass(
+    forward: ForwardGraph, costs=None, *, decisions: PartitionDecisions, batch_size: int
+) -> PassResult:
+    """A copy of ``forward`` with every region of ``decisions`` rewritten into parts (see module contract).
+
+    Decisions out: the regions rewritten. Not in place: ``forward`` is left as it was.
+    """
     gm = _copy_graph(forward)
+    stages = mark_dispatch_stages(gm.graph)
     axes = infer_forward_axes(gm.graph, len(forward.param_names), batch_size)
-    for spec in decisions.regions:
+    done = []
+    for index, spec in enumerate(decisions.regions):
         if spec.parts < 2:
             continue
         if batch_size % spec.parts:
             raise PartitionError(f"batch of {batch_size} samples cannot be split into {spec.parts} parts")
         nodes = _range(gm.graph, spec)
-        _check_dispatch_complete(gm.graph, nodes)
+        _check_dispatch_complete(stages, nodes)
         _check_part_capacity(nodes, spec.parts)
         region = _Region(spec=spec, nodes=nodes, mode=_classify(nodes, axes))
-        _Rewriter(gm.graph, region, axes).run()
-        gm.graph.lint()
-    merge_count_exchanges(gm.graph)
-    gm.recompile()
-    return ForwardGraph(gm=gm, param_names=list(forward.param_names), batch_shape=forward.batch_shape)
+        _Rewriter(gm.graph, region, axes, index).run()
+        stages = [stage for stage in stages if not set(stage) & set(nodes)]  # rewritten: copies carry marks
+        done.append(spec)
+    partitioned = ForwardGraph(gm=gm, param_names=list(forward.param_names), batch_shape=forward.batch_shape)
+    return PassResult(partitioned, PartitionDecisions(done))
+
+
+def partition_passes(decisions: PartitionDecisions, batch_size: int) -> list[Pass]:
+    """The listed passes that partition a forward graph: the rewrite (a copy), the pipeline order and the
+    count merge (both in place on that copy)."""
+    rewrite = functools.partial(partition_rewrite_pass, decisions=decisions, batch_size=batch_size)
+    return [
+        Pass("partition", rewrite, in_place=False, order_only=False),
+        Pass("pipeline-order", pipeline_order_pass, in_place=True, order_only=True),
+        Pass("merge-counts", merge_counts_pass, in_place=True, order_only=False),
+    ]
+
+
+def partition_pass(forward: ForwardGraph, decisions: PartitionDecisions, batch_size: int) -> ForwardGraph:
+    """A new ForwardGraph with every region of ``decisions`` partitioned, pipelined and its count exchanges
+    merged (``partition_passes`` through the runner)."""
+    return run_passes(forward, partition_passes(decisions, batch_size)).graph

@@ -7,11 +7,20 @@ Contract
   simulator predicts a gain) and the predicted forward times.
 - Deterministic for equal inputs, so every rank derives the same decisions.
 
-Pseudo-code (Lancet's range search, on module-aligned groups)
--------------------------------------------------------------
-    for each MoE layer (block b):
-        starts = {b's attention, b's second layer norm, the MoE layer itself}
-        ends   = {end of block b, end of block b+1's attention}
+Candidate ranges come from the graph, never from module names: a MoE layer is
+its dispatch stage (``lancet.graph.analysis.dispatch_stages``); a *seam* is a
+run of consecutive points of the forward where exactly one value with tokens is
+live (the residual stream between a transformer's sublayers). A range starts
+at one of the two seams before the layer (after the previous layer) or at the
+dispatch stage itself, and ends at one of the two seams after it (before the
+next layer). Why a layer has no range, or a range runs whole from some node on,
+is reported as ``Finding`` records (``lancet.passes.partition.findings``).
+
+Pseudo-code (Lancet's range search)
+-----------------------------------
+    for each MoE layer (dispatch stage [d0, d1]):
+        starts = {last 2 seams in (previous d1, d0), d0}
+        ends   = {first 2 seams in (d1, next d0)}
         for each (start, end): for n = 2, 3, ... up to max_parts (divisors of the batch):
             gain = simulated forward time unpartitioned - with this one region partitioned
             stop at the first n that does not improve on n-1
@@ -27,9 +36,16 @@ from dataclasses import dataclass, field
 
 from torch import fx
 
+import torch
+
 from lancet.capture.trace import ForwardGraph
 from lancet.cost.model import NodeCosts
-from lancet.passes.partition.rewrite import PartitionDecisions, PartitionError, Region, is_dispatch, partition_pass
+from lancet.graph.analysis import dispatch_stages
+from lancet.passes.partition.axes import REPLICATED, Inferred
+from lancet.passes.partition.findings import (
+    NO_GAIN, NO_MOE_LAYER, NO_RANGE, NO_RULE, NOT_PARTITIONABLE, Finding, about, unique_by_op,
+)
+from lancet.passes.partition.rewrite import PartitionDecisions, PartitionError, Region, infer_forward_axes, partition_pass
 from lancet.sim.simulator import simulate
 
 
@@ -46,81 +62,118 @@ class Selection:
     base_forward_ms: float
     forward_ms: float
     candidates: list[Candidate] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    """Why no range was found, or why ranges run whole from some node on."""
 
     def to_json(self) -> dict:
         return {
             "base_forward_ms": self.base_forward_ms,
             "forward_ms": self.forward_ms,
+            "findings": [f.to_json() for f in self.findings],
             "candidates": [
                 {**c.region.to_json(), "forward_ms": c.forward_ms, "gain_ms": c.gain_ms} for c in self.candidates
             ],
         }
 
 
-def _module(node: fx.Node) -> str:
-    return node.meta.get("custom", {}).get("module", "")
+def _layer_spans(graph: fx.Graph) -> list[tuple[int, int]]:
+    """(first, last) graph position of each MoE layer's dispatch stage, in order."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    return [(position[stage[0]], position[stage[-1]]) for stage in dispatch_stages(graph)]
 
 
-def _spans(graph: fx.Graph) -> dict[str, tuple[str, str]]:
-    """First and last node of every module prefix (``blocks.3``, ``blocks.3.attn``, ...)."""
-    spans: dict[str, tuple[str, str]] = {}
-    for node in graph.nodes:
-        module = _module(node)
-        parts = module.split(".")
-        for depth in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:depth])
-            first = spans.get(prefix, (node.name, node.name))[0]
-            spans[prefix] = (first, node.name)
-    return spans
+def _seams(graph: fx.Graph, axes: dict[fx.Node, Inferred]) -> list[tuple[int, int]]:
+    """Runs of consecutive boundaries (boundary b: just before node b) where exactly one value with tokens
+    is live: a residual stream between blocks. Each run as (first boundary, last boundary)."""
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    delta = [0] * (len(nodes) + 2)
+    for node in nodes:
+        found = axes.get(node)
+        if node.op != "call_function" or found is None or found.axis == REPLICATED:
+            continue
+        uses = [position[u] for u in node.users if u.op != "output"]
+        if uses:
+            delta[position[node] + 1] += 1
+            delta[max(uses) + 1] -= 1
+    runs: list[tuple[int, int]] = []
+    live = 0
+    for b in range(len(nodes)):
+        live += delta[b]
+        if live == 1 and nodes[b].op == "call_function":
+            if runs and runs[-1][1] == b - 1:
+                runs[-1] = (runs[-1][0], b)
+            else:
+                runs.append((b, b))
+    return runs
 
 
-def moe_layers(graph: fx.Graph) -> list[str]:
-    """Module names of the MoE layers whose dispatch is in the graph, in order (e.g. ``blocks.0.mlp``).
-
-    A layer's first dispatch node is made by the layer itself; later ones may come from its submodules.
-    """
-    found: list[str] = []
-    for node in graph.nodes:
-        if is_dispatch(node):
-            module = _module(node)
-            if not any(module == layer or module.startswith(layer + ".") for layer in found):
-                found.append(module)
+def _layer_candidates(forward: ForwardGraph, batch_size: int) -> list[tuple[list[int], list[int]]]:
+    """Per MoE layer: candidate start positions (earliest first) and end positions (earliest first)."""
+    graph = forward.graph
+    spans = _layer_spans(graph)
+    dispatch = {n for stage in dispatch_stages(graph) for n in stage}
+    seams = _seams(graph, infer_forward_axes(graph, len(forward.param_names), batch_size, dispatch=dispatch))
+    found = []
+    for i, (first, last) in enumerate(spans):
+        before = spans[i - 1][1] if i else -1
+        after = spans[i + 1][0] if i + 1 < len(spans) else len(graph.nodes)
+        # A run reaching the stage (a chain of ops with no residual beside it) offers its far end instead.
+        starts = [run[1] if run[1] < first else run[0] for run in seams if before < run[1] and run[0] < first]
+        ends = [(run[0] if run[0] > last + 1 else run[1]) - 1 for run in seams if last < run[1] and run[0] <= after]
+        starts = list(dict.fromkeys(starts[-2:] + [first]))
+        found.append((starts, list(dict.fromkeys(ends))[:2]))
     return found
 
 
-def moe_blocks(graph: fx.Graph) -> list[str]:
-    """The modules holding each MoE layer (e.g. ``blocks.0``), in order."""
-    return [layer.rsplit(".", 1)[0] for layer in moe_layers(graph)]
+def candidate_ranges(forward: ForwardGraph, batch_size: int) -> list[tuple[str, str]]:
+    """(start, end) node names around each MoE layer, from the graph alone (see the module docstring)."""
+    nodes = list(forward.graph.nodes)
+    ranges: list[tuple[str, str]] = []
+    for starts, ends in _layer_candidates(forward, batch_size):
+        ranges += [(nodes[s].name, nodes[e].name) for s in starts for e in ends]
+    return list(dict.fromkeys(ranges))
 
 
-def _next_block(block: str) -> str:
-    stem, index = block.rsplit(".", 1)
-    return f"{stem}.{int(index) + 1}"
-
-
-def candidate_ranges(graph: fx.Graph) -> list[tuple[str, str]]:
-    """(start, end) node names around each MoE layer, module-aligned, ranges of one layer nested."""
-    spans = _spans(graph)
-    ranges = []
-    for block in moe_blocks(graph):
-        starts = [spans[f"{block}.{sub}"][0] for sub in ("ln_1", "ln_2", "mlp") if f"{block}.{sub}" in spans]
-        ends = [spans[block][1]]
-        following = _next_block(block)
-        if f"{following}.attn" in spans and f"{following}.ln_2" in spans:
-            order = {n.name: i for i, n in enumerate(graph.nodes)}
-            before_ln2 = list(graph.nodes)[order[spans[f"{following}.ln_2"][0]] - 1]
-            ends.append(before_ln2.name)
-        ranges += [(s, e) for s in starts for e in ends]
-    return ranges
+def block_ranges(forward: ForwardGraph, batch_size: int) -> list[tuple[str, str]]:
+    """Per MoE layer, from its earliest candidate start to its earliest candidate end (a transformer block
+    holding the layer: attention through the MoE sublayer)."""
+    nodes = list(forward.graph.nodes)
+    return [(nodes[starts[0]].name, nodes[ends[0]].name) for starts, ends in _layer_candidates(forward, batch_size)
+            if ends]
 
 
 def dispatch_ranges(graph: fx.Graph) -> list[tuple[str, str]]:
     """Each MoE layer's dispatch stage alone: all-to-alls and experts (the Tutel-style range)."""
-    ranges = []
-    for layer in moe_layers(graph):
-        names = [n.name for n in graph.nodes if is_dispatch(n) and (_module(n) + ".").startswith(layer + ".")]
-        ranges.append((names[0], names[-1]))
-    return ranges
+    nodes = list(graph.nodes)
+    return [(nodes[first].name, nodes[last].name) for first, last in _layer_spans(graph)]
+
+
+def range_findings(forward: ForwardGraph, batch_size: int) -> list[Finding]:
+    """Why ranges are missing or cut short, without pricing anything (``lancet inspect``, the search)."""
+    graph = forward.graph
+    stages = dispatch_stages(graph)
+    if not stages:
+        return [Finding(NO_MOE_LAYER, "no MoE layer found in the forward graph (no token all-to-all pair, no "
+                                      "dispatch_region mark): nothing to partition")]
+    ranges = candidate_ranges(forward, batch_size)
+    position = {n.name: i for i, n in enumerate(graph.nodes)}
+    findings = [
+        about(stage[0], NO_RANGE, f"MoE layer {i} has no candidate range: no point around it where a single "
+                                  "value with tokens is live")
+        for i, stage in enumerate(stages)
+        if not any(position[s] <= position[stage[0].name] and position[stage[-1].name] <= position[e]
+                   for s, e in ranges)
+    ]
+    dispatch = {n for stage in stages for n in stage}
+    reasons: dict[fx.Node, str] = {}
+    infer_forward_axes(graph, len(forward.param_names), batch_size, reasons, dispatch=dispatch)
+    nodes = list(graph.nodes)
+    inside = {n for s, e in ranges for n in nodes[position[s] : position[e] + 1]}
+    for node, reason in reasons.items():
+        if node in inside and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            findings.append(about(node, NO_RULE, f"runs whole, cutting the per-part pipeline short: {reason}"))
+    return unique_by_op(findings)
 
 
 def _best_non_overlapping(candidates: list[Candidate], position: dict[str, int]) -> list[Candidate]:
@@ -156,7 +209,8 @@ def select_partitions(
     base = simulate(forward.graph, price(forward.graph)).makespan_ms
     position = {n.name: i for i, n in enumerate(forward.graph.nodes)}
     candidates: list[Candidate] = []
-    for start, end in candidate_ranges(forward.graph):
+    findings = range_findings(forward, batch_size)
+    for start, end in candidate_ranges(forward, batch_size):
         best: Candidate | None = None
         for parts in range(2, max_parts + 1):
             if batch_size % parts:
@@ -164,7 +218,8 @@ def select_partitions(
             region = Region(start, end, parts)
             try:
                 partitioned = partition_pass(forward, PartitionDecisions([region]), batch_size)
-            except PartitionError:
+            except PartitionError as err:
+                findings.append(Finding(NOT_PARTITIONABLE, f"range {start}..{end} in {parts} parts: {err}"))
                 break
             ms = simulate(partitioned.graph, price(partitioned.graph)).makespan_ms
             if progress is not None:
@@ -182,4 +237,8 @@ def select_partitions(
         forward_ms = simulate(joint.graph, price(joint.graph)).makespan_ms
         if forward_ms >= base:
             decisions, forward_ms = PartitionDecisions(), base
-    return Selection(decisions=decisions, base_forward_ms=base, forward_ms=forward_ms, candidates=candidates)
+    if candidates and not decisions.regions:
+        findings.append(Finding(NO_GAIN, f"none of {len(candidates)} candidate ranges shortens the simulated "
+                                         f"forward ({base:.3f} ms)"))
+    return Selection(decisions=decisions, base_forward_ms=base, forward_ms=forward_ms, candidates=candidates,
+                     findings=findings)
