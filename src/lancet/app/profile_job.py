@@ -9,15 +9,7 @@ from rich.console import Console
 from lancet.plan.artifact import write_artifact
 from lancet.capture.trace import capture_step
 from lancet.app.config import RunConfig
-from lancet.cost.comm import (
-    DEFAULT_SIZES,
-    KINDS,
-    CommProfile,
-    measure_contention,
-    measure_issue_ms,
-    measure_shared_directions,
-    sweep,
-)
+from lancet.cost.comm import DEFAULT_SIZES, KINDS, measure_comm
 from lancet.cost.profile import profile_graph
 from lancet.app.report import StepProgress, console_for
 from lancet.runtime.dist import rank_runtime
@@ -98,17 +90,9 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
     """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
     with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         with StepProgress(console_for(runtime.is_main), "comm sweep", len(sizes) * len(KINDS)) as bar:
-            curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.advance())
-        compute_slowdown, comm_slowdown = measure_contention(runtime.group, runtime.device)
-        comm = CommProfile(
-            curves=curves,
-            contention=compute_slowdown,
-            comm_contention=comm_slowdown,
-            issue_ms=measure_issue_ms(runtime.group, runtime.device),
             # one-way traffic does not exist where every peer mirrors rank 0; the emulated wire is full duplex
-            shared_directions=(measure_shared_directions(runtime.group, runtime.device) if run.emulate is None
-                               else EMULATED_SHARED_DIRECTIONS),
-        )
+            comm = measure_comm(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.advance(),
+                                shared_directions=None if run.emulate is None else EMULATED_SHARED_DIRECTIONS)
         payload = {"comm": comm.to_json()}
         if runtime.is_main:
             identity = replace(run.identity(runtime.world_size, runtime.device), model="", gate="", dtype="")

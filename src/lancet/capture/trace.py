@@ -133,6 +133,41 @@ def describe_capture_failure(err: BaseException, module_stack: list[tuple[str, s
     return "\n".join(lines)
 
 
+_INPLACE_COLLECTIVES = {
+    "alltoall_base_": "all_to_all_single_autograd (or all_to_all_single)",
+    "alltoall_": "all_to_all_single_autograd",
+    "allreduce_": "all_reduce",
+    "allgather_": "all_gather_tensor",
+    "_allgather_base_": "all_gather_tensor",
+    "allgather_into_tensor_coalesced_": "all_gather_tensor",
+    "reduce_scatter_": "reduce_scatter_tensor",
+    "_reduce_scatter_base_": "reduce_scatter_tensor",
+    "broadcast_": "broadcast",
+}
+
+
+def refuse_inplace_collectives(gm: fx.GraphModule) -> None:
+    """Raise CaptureError for any in-place c10d collective (``torch.distributed.all_to_all_single``, ...) in ``gm``.
+
+    Such a collective writes into a tensor behind autograd's back (its gradient is silently missing) and is
+    no collective start/wait pair a schedule could move; functional collectives are both.
+    """
+    found = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "c10d":
+            continue
+        name = node.target._schema.name.split("::")[-1]
+        module = node.meta.get("custom", {}).get("module")
+        where = f" in module {module!r}" if module else ""
+        use = _INPLACE_COLLECTIVES.get(name, "the functional equivalent")
+        found.append(f"  {node.target}{where}: use torch.distributed._functional_collectives.{use}")
+    if found:
+        raise CaptureError(
+            "the training step calls in-place c10d collectives (torch.distributed.*), which autograd and the "
+            "schedule cannot see; call torch.distributed._functional_collectives instead:\n" + "\n".join(found)
+        )
+
+
 def fake_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Fake copies with static shapes, sharing one shape environment for unbacked symbols."""
     mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True, allow_non_fake_inputs=False)
@@ -146,9 +181,11 @@ def _trace(fn, inputs: list[torch.Tensor], model: nn.Module) -> fx.GraphModule:
     # ``preserve_node_meta`` restores the annotations as they were, so a failed capture leaks none.
     with fx_traceback.preserve_node_meta(), _module_annotations(model) as module_stack:
         try:
-            return make_fx(fn, tracing_mode="symbolic")(*fakes)
+            gm = make_fx(fn, tracing_mode="symbolic")(*fakes)
         except Exception as err:
             raise CaptureError(describe_capture_failure(err, list(module_stack))) from err
+    refuse_inplace_collectives(gm)
+    return gm
 
 
 def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> TrainGraph:
