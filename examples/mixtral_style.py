@@ -55,6 +55,10 @@ def swiglu(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down: Tensor) -> Tensor:
     return (F.silu(x @ w_gate) * (x @ w_up)) @ w_down
 
 
+def init(*shape: int, generator: torch.Generator | None = None) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape, generator=generator) * shape[-2] ** -0.5)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -89,11 +93,11 @@ class MoE(nn.Module):
         self.local, self.experts = cfg.experts_per_rank, cfg.experts_per_rank * self.world
         self.router = nn.Linear(cfg.dim, self.experts, bias=False)
         mine = torch.Generator().manual_seed(seed + dist.get_rank(group))  # each rank its own experts
-        weight = lambda *shape, g=None: nn.Parameter(torch.randn(*shape, generator=g) * shape[-2] ** -0.5)  # noqa: E731
-        self.w_gate, self.w_up = weight(self.local, cfg.dim, cfg.hidden, g=mine), weight(self.local, cfg.dim, cfg.hidden, g=mine)
-        self.w_down = weight(self.local, cfg.hidden, cfg.dim, g=mine)
-        self.shared = nn.ParameterList([weight(cfg.dim, cfg.hidden), weight(cfg.dim, cfg.hidden),
-                                        weight(cfg.hidden, cfg.dim)])
+        self.w_gate = init(self.local, cfg.dim, cfg.hidden, generator=mine)
+        self.w_up = init(self.local, cfg.dim, cfg.hidden, generator=mine)
+        self.w_down = init(self.local, cfg.hidden, cfg.dim, generator=mine)
+        self.shared = nn.ParameterList([init(cfg.dim, cfg.hidden), init(cfg.dim, cfg.hidden),
+                                        init(cfg.hidden, cfg.dim)])
 
     def forward(self, x_BSD: Tensor) -> Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])

@@ -60,7 +60,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def _partitioned(group) -> dict:
     step, batches, profile, comm = _setup(group)
     plan = lancet.optimize(step, batches[0], profile, comm, dw=False)
-    found = {"candidates": plan.selection.get("candidates", []), "partitioned": plan.variants["lancet-part"].partitioned}
+    part = plan.variants["lancet-part"]
+    found = {"candidates": plan.selection.get("candidates", []), "partitioned": part.partitioned}
     if not found["partitioned"]:
         return found
     eager = lancet.Runner(step, executor="eager")
@@ -69,7 +70,8 @@ def _partitioned(group) -> dict:
     for batch in batches:
         want, got = eager(batch), parts(batch)
         errors.append(max(_relative(g, w) for g, w in zip([got.loss, *got.grads], [want.loss, *want.grads])))
-        same_keep.append(len(got.keep) == len(want.keep) and all(torch.equal(g, w) for g, w in zip(got.keep, want.keep)))
+        same = len(got.keep) == len(want.keep) and all(torch.equal(g, w) for g, w in zip(got.keep, want.keep))
+        same_keep.append(same)
     return {**found, "errors": errors, "same_keep": same_keep}
 
 
