@@ -27,7 +27,9 @@ class UsageError(Exception):
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="cpu_small", help="gpt2_moe_nl<L>_m<M>_nh<H>_sl<S>_b<B> or a named config")
+    group.add_argument("--model", default="cpu_small",
+                       help="gpt2_moe_nl<L>_m<M>_nh<H>_sl<S>_b<B>, a named config, or package.module:factory (a "
+                            "function (group, device) -> lancet.ModelBundle: your own model, batches and loss)")
     group.add_argument("--gate", default="switch", choices=GATE_KINDS, help="routing of tokens to experts")
     group.add_argument("--topk", type=int, default=2, help="experts per token for --gate topk")
     group.add_argument("--capacity-factor", type=float, default=1.0, help="expert capacity per token share (switch, batch_prioritized)")

@@ -15,6 +15,7 @@ from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV
 from lancet.runtime.emulation import EmulationSpec
 from lancet.integrations.hf_models import HFModelConfig, hf_model_config
 from lancet.models import GPT2MoEConfig, build_model, model_config
+from lancet.models.factory import is_factory_reference, load_factory
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS, GateConfig
 
 DTYPES = ("fp32", "bf16")
@@ -27,6 +28,7 @@ class ModelSpec:
     """Which model, gate and expert count to build."""
 
     model: str = "cpu_small"
+    """A built-in config name, or ``package.module:factory`` (``lancet.models.factory``)."""
     gate: str = "switch"
     topk: int = 2
     capacity_factor: float = 1.0
@@ -139,11 +141,7 @@ class RunConfig:
         """Raise ValueError/FileNotFoundError for bad input; return the model config."""
         if world_size < 1:
             raise ValueError(f"--nproc must be >= 1, got {world_size}")
-        cfg = self.spec.model_config()
-        experts = cfg.total_experts(world_size)
-        if experts < world_size:
-            raise ValueError(f"{world_size} ranks but only {experts} experts: every rank needs at least one expert")
-        cfg.validate_for(world_size)
+        cfg = self._validate_model(world_size)
         if self.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {self.steps}")
         if self.gc_every < 1:
@@ -168,7 +166,7 @@ class RunConfig:
             raise ValueError(f"validated for {world_size} ranks, but --emulate asks for {emulation.world_size}")
         if self.data != SYNTHETIC:
             resolve_corpus_path(self.data)
-            if cfg.vocab_size < 256:
+            if cfg is not None and cfg.vocab_size < 256:
                 raise ValueError(f"byte-level data needs a vocabulary of at least 256, got {cfg.vocab_size}")
         if self.checkpoint_every < 1:
             raise ValueError(f"--checkpoint-every must be >= 1, got {self.checkpoint_every}")
@@ -178,6 +176,25 @@ class RunConfig:
             raise ValueError(f"unknown --nonfinite {self.nonfinite!r}; choose one of {', '.join(NONFINITE_POLICIES)}")
         if self.collective_timeout <= 0:
             raise ValueError(f"--collective-timeout must be > 0 seconds, got {self.collective_timeout:g}")
+        return cfg
+
+    def _validate_model(self, world_size: int) -> GPT2MoEConfig | None:
+        """The built-in model's config, checked for ``world_size``; None for a ``--model`` factory (which makes
+        its own batches and holds its own experts)."""
+        if is_factory_reference(self.spec.model):
+            load_factory(self.spec.model)  # importable here, or a clear error before any rank starts
+            if self.data != SYNTHETIC:
+                raise ValueError(f"--model {self.spec.model} makes its own batches; leave out --data")
+            if self.checkpoint_dir is not None:
+                raise ValueError(f"--checkpoint-dir is not supported for a --model factory ({self.spec.model}) yet")
+            if self.emulate is not None:
+                raise ValueError(f"--emulate is not supported for a --model factory ({self.spec.model}) yet")
+            return None
+        cfg = self.spec.model_config()
+        experts = cfg.total_experts(world_size)
+        if experts < world_size:
+            raise ValueError(f"{world_size} ranks but only {experts} experts: every rank needs at least one expert")
+        cfg.validate_for(world_size)
         return cfg
 
     def settings(self) -> dict:
@@ -212,12 +229,13 @@ class RunConfig:
         """What artifacts made for this run must match."""
         import torch
 
-        cfg = self.spec.model_config()
+        factory = is_factory_reference(self.spec.model)
+        cfg = None if factory else self.spec.model_config()
         emulation = self.emulation()
         network = self.network if self.network not in (None, "nvlink") else "native"
         return RunIdentity(
-            model=cfg.name,
-            gate=gate_description(cfg.gate),
+            model=self.spec.model if factory else cfg.name,
+            gate="" if factory else gate_description(cfg.gate),
             world_size=world_size,
             dtype=self.dtype,
             device=device_description(device),

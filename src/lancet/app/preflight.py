@@ -125,7 +125,8 @@ def check_run(run: RunConfig, world_size: int, *, devices: bool = True) -> None:
     device = launcher_device()
     if devices:
         check_devices(run, device)
-    check_corpus(run.data, cfg.seq_len + 1)
+    if cfg is not None:  # a --model factory makes its own batches
+        check_corpus(run.data, cfg.seq_len + 1)
     check_output_file(run.metrics_jsonl, "--metrics-jsonl")
     check_output_dir(run.checkpoint_dir, "--checkpoint-dir")
     if run.plan is not None and not Path(run.plan).exists():

@@ -9,15 +9,7 @@ from rich.console import Console
 from lancet.plan.artifact import write_artifact
 from lancet.capture.trace import capture_step
 from lancet.app.config import RunConfig
-from lancet.cost.comm import (
-    DEFAULT_SIZES,
-    KINDS,
-    CommProfile,
-    measure_contention,
-    measure_issue_ms,
-    measure_shared_directions,
-    sweep,
-)
+from lancet.cost.comm import DEFAULT_SIZES, KINDS, measure_comm
 from lancet.cost.profile import profile_graph
 from lancet.app.report import StepProgress, console_for
 from lancet.runtime.dist import rank_runtime
@@ -98,17 +90,9 @@ def profile_comm_worker(run: RunConfig, out_path: str, sizes: list[int], reps: i
     """Sweep collective sizes and measure contention on the real group; write the comm profile (rank 0)."""
     with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         with StepProgress(console_for(runtime.is_main), "comm sweep", len(sizes) * len(KINDS)) as bar:
-            curves = sweep(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.advance())
-        compute_slowdown, comm_slowdown = measure_contention(runtime.group, runtime.device)
-        comm = CommProfile(
-            curves=curves,
-            contention=compute_slowdown,
-            comm_contention=comm_slowdown,
-            issue_ms=measure_issue_ms(runtime.group, runtime.device),
             # one-way traffic does not exist where every peer mirrors rank 0; the emulated wire is full duplex
-            shared_directions=(measure_shared_directions(runtime.group, runtime.device) if run.emulate is None
-                               else EMULATED_SHARED_DIRECTIONS),
-        )
+            comm = measure_comm(runtime.group, runtime.device, sizes=sizes, reps=reps, progress=lambda: bar.advance(),
+                                shared_directions=None if run.emulate is None else EMULATED_SHARED_DIRECTIONS)
         payload = {"comm": comm.to_json()}
         if runtime.is_main:
             identity = replace(run.identity(runtime.world_size, runtime.device), model="", gate="", dtype="")
@@ -131,19 +115,38 @@ def step_for_profile(document: dict):
     from lancet.app.config import ModelSpec, build_run_model
     from lancet.app.data import BatchSource
     from lancet.app.train import AUTOCAST
+    from lancet.models.factory import is_factory_reference
     from lancet.plan.artifact import ArtifactMismatch, identity_from_json
     from lancet.step.train_step import TrainStep
 
     identity = identity_from_json(document["identity"])
-    cfg = ModelSpec(**document["spec"]).model_config()
+    spec = ModelSpec(**document["spec"])
     device = torch.device("cuda", 0) if identity.device.startswith("cuda") else torch.device("cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactMismatch(f"the profile was made on {identity.device}; optimize it on a machine with that GPU")
     group = dist.group.WORLD
+    if is_factory_reference(spec.model):
+        return _factory_step(spec.model, group, device, AUTOCAST[identity.dtype])
+    cfg = spec.model_config()
     step = TrainStep(build_run_model(cfg, group, device), group, autocast_dtype=AUTOCAST[identity.dtype])
     source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
     tokens, targets = (t.to(device) for t in source.batch(0, 0))
     return step, tokens, targets
+
+
+def _factory_step(reference: str, group, device, autocast_dtype):
+    """The step of a ``--model`` factory's model (expert parameters checked on its graph) and rank 0's first batch."""
+    import torch
+
+    from lancet.api import Step
+    from lancet.models.factory import build_bundle
+
+    bundle = build_bundle(reference, group, device)
+    optimizer = torch.optim.SGD(bundle.model.parameters(), lr=0.0)  # planning never updates
+    step = Step(bundle.model, bundle.loss_fn, optimizer, group=group, expert_params=bundle.expert_params,
+                autocast_dtype=autocast_dtype, name=bundle.name)
+    tokens, targets = (t.to(device) for t in bundle.batch(0, 0))
+    return step.train_step((tokens, targets)), tokens, targets
 
 
 __all__ = ["DEFAULT_SIZES", "profile_comm_worker", "profile_worker", "step_for_profile"]

@@ -39,11 +39,12 @@ def header_line(run, session, step: str | None = None) -> str:
     device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "CPU"
     backend = "nccl" if runtime.device.type == "cuda" else "gloo"
     local = model_size(session.params)
-    experts = cfg.total_experts(runtime.world_size)
+    experts = (f"{cfg.total_experts(runtime.world_size)} experts, gate {run.spec.gate}" if hasattr(cfg, "gate")
+               else f"{cfg.experts} expert-local parameters")  # a --model factory's model
     if step is None:
         step = run.mode if run.plan is None else f"{run.mode}, plan {run.plan} ({run.plan_variant})"
     return (f"lancet: {runtime.world_size} ranks on {device} ({backend}); model {cfg.name}, {_count(local)} parameters "
-            f"per rank, {experts} experts, gate {run.spec.gate}; data {run.data}, batch {cfg.batch_size}x{cfg.seq_len} "
+            f"per rank, {experts}; data {run.data}, batch {cfg.batch_size}x{cfg.seq_len} "
             f"per rank; {run.dtype}, {run.optimizer}; step: {step}")
 
 

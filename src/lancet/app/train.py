@@ -66,8 +66,30 @@ def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.op
     return torch.optim.AdamW(params, lr=lr)
 
 
+@dataclass(frozen=True, slots=True)
+class FactoryModel:
+    """What the loop and the reports read of a model made by a ``--model`` factory."""
+
+    name: str
+    batch_size: int
+    seq_len: int
+    experts: int
+    """Expert-local parameters on this rank."""
+
+    @property
+    def tokens_per_rank(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+class _FactoryBatches:
+    def __init__(self, batch) -> None:
+        self.batch = batch
+
+
 def build_session(run: RunConfig, runtime: Runtime) -> Session:
     model_cfg = run.validate(runtime.world_size)
+    if model_cfg is None:
+        return _factory_session(run, runtime)
     model = build_run_model(model_cfg, runtime.group, device=runtime.device, seed=run.seed)
     train_step = TrainStep(model, runtime.group, autocast_dtype=AUTOCAST[run.dtype])
     params = train_step.parameters()
@@ -75,6 +97,24 @@ def build_session(run: RunConfig, runtime: Runtime) -> Session:
     optimizer = make_optimizer(run.optimizer, params, run.learning_rate)
     identity = run.identity(runtime.world_size, runtime.device)
     return Session(runtime, model_cfg, train_step, params, optimizer, batches, identity)
+
+
+def _factory_session(run: RunConfig, runtime: Runtime) -> Session:
+    """The session of a ``--model package.module:factory`` model, its expert parameters checked on the graph."""
+    from lancet.api import Step
+    from lancet.models.factory import build_bundle
+
+    torch.manual_seed(run.seed)
+    bundle = build_bundle(run.spec.model, runtime.group, runtime.device)
+    optimizer = make_optimizer(run.optimizer, list(bundle.model.parameters()), run.learning_rate)
+    step = Step(bundle.model, bundle.loss_fn, optimizer, group=runtime.group, expert_params=bundle.expert_params,
+                autocast_dtype=AUTOCAST[run.dtype], name=bundle.name)
+    inputs, targets = bundle.batch(0, runtime.rank)
+    train_step = step.train_step((inputs.to(runtime.device), targets.to(runtime.device)))
+    shape = tuple(inputs.shape) + (1,)
+    info = FactoryModel(bundle.name, shape[0], shape[1], len(train_step.expert_names))
+    return Session(runtime, info, train_step, train_step.parameters(), optimizer, _FactoryBatches(bundle.batch),
+                   run.identity(runtime.world_size, runtime.device))
 
 
 def make_runner(run: RunConfig, session: Session):

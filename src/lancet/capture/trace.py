@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lancet.step.train_step import TrainStep
 
@@ -109,7 +110,8 @@ def _failing_op(tb) -> str | None:
 
 def _user_frame(err: BaseException) -> traceback.FrameSummary | None:
     """The innermost frame outside torch itself: the model line that could not be traced."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if not f.filename.startswith(_TORCH_DIR) and f.filename != __file__]
     return frames[-1] if frames else None
 
 
@@ -133,6 +135,36 @@ def describe_capture_failure(err: BaseException, module_stack: list[tuple[str, s
     return "\n".join(lines)
 
 
+_INPLACE_COLLECTIVES = {
+    "alltoall_base_": "all_to_all_single_autograd",
+    "alltoall_": "all_to_all_single_autograd",
+    "allreduce_": "all_reduce",
+    "allgather_": "all_gather_tensor",
+    "_allgather_base_": "all_gather_tensor",
+    "reduce_scatter_": "reduce_scatter_tensor",
+    "_reduce_scatter_base_": "reduce_scatter_tensor",
+    "broadcast_": "broadcast",
+}
+
+
+class _RefuseInPlaceCollectives(TorchDispatchMode):
+    """Raises on in-place c10d collectives (``torch.distributed.all_to_all_single``, ...) while tracing.
+
+    Such a collective writes into a tensor behind autograd's back (its gradient is silently missing) and is no
+    collective start/wait pair a schedule could move; functional collectives are both.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d":
+            name = func._schema.name.split("::")[-1]
+            use = _INPLACE_COLLECTIVES.get(name, "the functional equivalent")
+            raise CaptureError(
+                f"in-place c10d collective {func} (torch.distributed.*) cannot be captured: autograd and the "
+                f"schedule do not see it; call torch.distributed._functional_collectives.{use} instead"
+            )
+        return func(*args, **(kwargs or {}))
+
+
 def fake_inputs(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Fake copies with static shapes, sharing one shape environment for unbacked symbols."""
     mode = FakeTensorMode(shape_env=ShapeEnv(), static_shapes=True, allow_non_fake_inputs=False)
@@ -146,9 +178,17 @@ def _trace(fn, inputs: list[torch.Tensor], model: nn.Module) -> fx.GraphModule:
     # ``preserve_node_meta`` restores the annotations as they were, so a failed capture leaks none.
     with fx_traceback.preserve_node_meta(), _module_annotations(model) as module_stack:
         try:
-            return make_fx(fn, tracing_mode="symbolic")(*fakes)
+            return make_fx(_refusing_inplace_collectives(fn), tracing_mode="symbolic")(*fakes)
         except Exception as err:
             raise CaptureError(describe_capture_failure(err, list(module_stack))) from err
+
+
+def _refusing_inplace_collectives(fn):
+    def traced(*inputs):
+        with _RefuseInPlaceCollectives():
+            return fn(*inputs)
+
+    return traced
 
 
 def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> TrainGraph:

@@ -236,3 +236,28 @@ def measure_contention(group: dist.ProcessGroup, device: torch.device, reps: int
     compute = statistics.median(g[0] for g in gathered)
     comm_factor = statistics.median(g[1] for g in gathered)
     return max(1.0, float(compute)), max(1.0, float(comm_factor))
+
+
+def measure_comm(
+    group: dist.ProcessGroup,
+    device: torch.device,
+    *,
+    sizes: list[int] | None = None,
+    reps: int = 5,
+    progress: Callable[[], None] | None = None,
+    shared_directions: float | None = None,
+) -> CommProfile:
+    """The comm profile of ``group``: curves, contention both ways, issue time and link sharing.
+
+    ``shared_directions`` given: taken as is instead of measured (a wire whose directions are known).
+    """
+    curves = sweep(group, device, sizes=sizes or DEFAULT_SIZES, reps=reps, progress=progress)
+    compute_slowdown, comm_slowdown = measure_contention(group, device)
+    return CommProfile(
+        curves=curves,
+        contention=compute_slowdown,
+        comm_contention=comm_slowdown,
+        issue_ms=measure_issue_ms(group, device),
+        shared_directions=(measure_shared_directions(group, device) if shared_directions is None
+                           else shared_directions),
+    )

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from tqdm import tqdm
 
-from lancet.plan.artifact import ArtifactMismatch, identity_from_json, read_artifact
+from lancet.plan.artifact import ArtifactMismatch, RunIdentity, identity_from_json, read_artifact
 from lancet.capture.trace import capture_forward, capture_step
 from lancet.cost.comm import CommProfile
 from lancet.cost.estimate import DerivedCostModel
@@ -109,44 +109,67 @@ def optimize(
     (rank 0's view, under the fake group this function sets up) and a batch of its shape."""
     profile_doc, profile_identity, comm_identity, comm = _load(profile_path, comm_path)
     profile = profile_for_network(profile_doc, comm_identity.network)
-    model_host = profile_identity.device.startswith("cuda")
-    measured = _for_executor(ProfiledCostModel(profile=profile, comm=comm, model_host=model_host), profile)
     identity = replace(profile_identity, network=comm_identity.network)
-    timelines: dict[str, Timeline] = {}
     with fake_process_group(profile_identity.world_size):
         step, tokens, targets = build_step(profile_doc)
-        captured = capture_step(step, tokens, targets)
-        fingerprint = graph_fingerprint(captured.graph)
-        if fingerprint != profile.fingerprint:
-            raise ArtifactMismatch(
-                f"the graph captured here ({fingerprint}) is not the profiled graph ({profile.fingerprint}); "
-                "optimize with the same lancet and torch on the same kind of device"
-            )
-        derived = _for_executor(DerivedCostModel.of_captured(profile, comm, captured.graph, model_host), profile)
-        # The partitioned step is priced by the derived model, so the unpartitioned orders it competes
-        # with are priced that way too (before and after the order passes, on the same graph).
-        derived_ms = lambda: simulate(captured.graph, derived.costs(captured.graph)).makespan_ms  # noqa: E731
-        unpartitioned_ms = {"captured": derived_ms()} if partition else {}
-        order, timelines["captured"] = choose_order(
-            captured, measured.costs(captured.graph), schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes
+        return optimize_step(
+            step, tokens, targets, profile, comm, identity, schedule_dw=schedule_dw, partition=partition,
+            max_partitions=max_partitions, memory_cap_bytes=memory_cap_bytes, trace_dir=trace_dir, progress=progress,
         )
-        if partition:
-            unpartitioned_ms["lancet-dw"] = derived_ms()
-        plan = Plan(
-            identity=identity,
-            fingerprint=fingerprint,
-            predicted=timelines["captured"].summary(),
-            options={"dw": schedule_dw, "partition": partition, "max_partitions": max_partitions,
-                     "memory_cap_bytes": memory_cap_bytes,
-                     "executor": profile.executor.kind if profile.executor is not None else "interpret"},
+
+
+def optimize_step(
+    step: TrainStep,
+    tokens: torch.Tensor,
+    targets: torch.Tensor,
+    profile: ComputeProfile,
+    comm: CommProfile,
+    identity: RunIdentity,
+    *,
+    schedule_dw: bool = True,
+    partition: bool = True,
+    max_partitions: int = 8,
+    memory_cap_bytes: int | None = None,
+    trace_dir: str | None = None,
+    progress: bool = True,
+) -> OptimizeResult:
+    """Plan for ``step`` (on whatever process group it holds; tracing communicates nothing) from a profile of
+    its captured graph and a comm profile; ``identity`` is the run the plan is for."""
+    model_host = identity.device.startswith("cuda")
+    measured = _for_executor(ProfiledCostModel(profile=profile, comm=comm, model_host=model_host), profile)
+    timelines: dict[str, Timeline] = {}
+    captured = capture_step(step, tokens, targets)
+    fingerprint = graph_fingerprint(captured.graph)
+    if fingerprint != profile.fingerprint:
+        raise ArtifactMismatch(
+            f"the graph captured here ({fingerprint}) is not the profiled graph ({profile.fingerprint}); "
+            "optimize with the same lancet and torch on the same kind of device"
         )
-        plan.variants["lancet-dw"] = VariantPlan(
-            dw=order.dw, allreduce=order.allreduce, step_fingerprint=fingerprint,
-            predicted=order.timeline.summary(), chosen=order.name,
-        )
-        timelines["lancet-dw"] = order.timeline
-        _partition_variants(plan, step, tokens, targets, derived, timelines, partition, schedule_dw,
-                            max_partitions, memory_cap_bytes, progress, unpartitioned_ms)
+    derived = _for_executor(DerivedCostModel.of_captured(profile, comm, captured.graph, model_host), profile)
+    # The partitioned step is priced by the derived model, so the unpartitioned orders it competes
+    # with are priced that way too (before and after the order passes, on the same graph).
+    derived_ms = lambda: simulate(captured.graph, derived.costs(captured.graph)).makespan_ms  # noqa: E731
+    unpartitioned_ms = {"captured": derived_ms()} if partition else {}
+    order, timelines["captured"] = choose_order(
+        captured, measured.costs(captured.graph), schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes
+    )
+    if partition:
+        unpartitioned_ms["lancet-dw"] = derived_ms()
+    plan = Plan(
+        identity=identity,
+        fingerprint=fingerprint,
+        predicted=timelines["captured"].summary(),
+        options={"dw": schedule_dw, "partition": partition, "max_partitions": max_partitions,
+                 "memory_cap_bytes": memory_cap_bytes,
+                 "executor": profile.executor.kind if profile.executor is not None else "interpret"},
+    )
+    plan.variants["lancet-dw"] = VariantPlan(
+        dw=order.dw, allreduce=order.allreduce, step_fingerprint=fingerprint,
+        predicted=order.timeline.summary(), chosen=order.name,
+    )
+    timelines["lancet-dw"] = order.timeline
+    _partition_variants(plan, step, tokens, targets, derived, timelines, partition, schedule_dw,
+                        max_partitions, memory_cap_bytes, progress, unpartitioned_ms)
     _add_optimizer(plan, timelines, profile.optimizer_ms)
     if trace_dir is not None:
         Path(trace_dir).mkdir(parents=True, exist_ok=True)

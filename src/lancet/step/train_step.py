@@ -39,6 +39,8 @@ PHASE_ANNOTATION = "lancet/{phase}"
 
 
 def expert_parameter_names(model: nn.Module) -> set[str]:
+    """Parameters of lancet's own expert layers (``GroupedExperts``): a hint, checked against the graph by
+    ``lancet.Step``."""
     names = set()
     for module_name, module in model.named_modules():
         if isinstance(module, GroupedExperts):
@@ -107,7 +109,9 @@ class TrainStep:
     with all experts). ``autocast_dtype`` enables mixed precision for the
     forward (parameters and gradients stay in their own dtype). ``loss_fn(output,
     targets)`` turns the model's output into the loss (default: the model's own
-    ``loss`` method); the output's ``keep`` lists each MoE layer's keep mask.
+    ``loss`` method); the output's ``keep``, when it has one, lists each MoE
+    layer's keep mask. ``expert_names`` are the expert-local parameters, whose
+    gradients are not all-reduced (None: those of lancet's ``GroupedExperts``).
     """
 
     def __init__(
@@ -117,6 +121,7 @@ class TrainStep:
         autocast_dtype: torch.dtype | None = None,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
         loss_fn=None,
+        expert_names: set[str] | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else model.loss
@@ -125,7 +130,11 @@ class TrainStep:
         self.autocast_dtype = autocast_dtype
         named = list(model.named_parameters())
         self.param_names = [name for name, _ in named]
-        experts = expert_parameter_names(model)
+        experts = expert_parameter_names(model) if expert_names is None else set(expert_names)
+        unknown = experts - set(self.param_names)
+        if unknown:
+            raise ValueError(f"expert parameters {sorted(unknown)} are not parameters of the model")
+        self.expert_names = experts
         self.dense_indices = [i for i, (name, _) in enumerate(named) if name not in experts]
         sizes = [named[i][1].numel() * named[i][1].element_size() for i in self.dense_indices]
         self.buckets = [[self.dense_indices[j] for j in b] for b in plan_buckets(sizes, bucket_bytes)]
@@ -147,7 +156,7 @@ class TrainStep:
         state = dict(zip(self.param_names, params))
         with self._autocast(tokens_BS.device.type):
             out = functional_call(self.model, state, (tokens_BS,))
-            return self.loss_fn(out, targets_BS), out.keep
+            return self.loss_fn(out, targets_BS), list(getattr(out, "keep", ()))
 
     def with_forward_graph(self, forward_graph: fx.GraphModule) -> TrainStep:
         """The same step with its forward replaced by ``forward_graph`` (params, tokens, targets -> loss, *keep).
