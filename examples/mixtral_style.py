@@ -103,7 +103,8 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         weight_TK, expert_TK = self.router(x_TD).softmax(dim=-1).topk(2, dim=-1)
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        routed_TD = self.routed(x_TD, expert_TK.reshape(-1), weight_TK.reshape(-1))
+        with lancet.dispatch_region():  # row-local: a token's output depends on its own row and routing only
+            routed_TD = self.routed(x_TD, expert_TK.reshape(-1), weight_TK.reshape(-1))
         return (routed_TD + swiglu(x_TD, *self.shared)).view_as(x_BSD)
 
     def routed(self, x_TD: Tensor, expert_A: Tensor, weight_A: Tensor) -> Tensor:

@@ -23,6 +23,8 @@ _API = {
     "Plan": "lancet.plan.plan",
     "CaptureError": "lancet.capture.trace",
     "ModelBundle": "lancet.models.factory",
+    "dispatch_region": "lancet.graph.meta",
+    "register_axis_rule": "lancet.passes.partition.axes",
 }
 __all__ = sorted(_API)
 

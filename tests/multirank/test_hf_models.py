@@ -74,9 +74,13 @@ def _bitwise(label: str, got: StepResult, want: StepResult, names: list[str]) ->
 def _partitionable(forward) -> tuple[list[Region], list[str]]:
     """Around each MoE layer the widest range the partition pass takes (the layer to its block's end, else its
     dispatch stage alone), in 2 parts; and why the others were refused (an axis rule missing upstream)."""
+    position = {n.name: i for i, n in enumerate(forward.graph.nodes)}
+    candidates = candidate_ranges(forward, BATCH)
     regions, refused = [], []
-    for wide, narrow in zip(candidate_ranges(forward.graph), dispatch_ranges(forward.graph)):
-        for start, end in (wide, narrow):
+    for narrow in dispatch_ranges(forward.graph):
+        around = [r for r in candidates if position[r[0]] <= position[narrow[0]] and position[narrow[1]] <= position[r[1]]]
+        around.sort(key=lambda r: position[r[0]] - position[r[1]])  # widest first
+        for start, end in around[:1] + [narrow]:
             try:
                 partition_pass(forward, PartitionDecisions([Region(start, end, 2)]), BATCH)
             except PartitionError as err:

@@ -27,6 +27,7 @@ from lancet.cost.profile import graph_fingerprint
 from lancet.app.profile_job import step_for_profile
 from lancet.plan.optimize import fake_process_group, profile_for_network
 from lancet.sim.simulator import simulate
+from lancet.graph import meta
 
 
 def _by(graph, costs, key) -> collections.Counter:
@@ -57,7 +58,7 @@ def check(profile_path: str, tutel_path: str, comm_path: str, console: Console, 
         derived = DerivedCostModel.of_captured(base, comm, captured.graph, model_host)
         estimate = derived.costs(graph)
         truth = ProfiledCostModel(measured, comm, model_host=model_host).costs(graph)
-        phase = lambda n: n.meta.get("custom", {}).get("phase", "other")  # noqa: E731
+        phase = lambda n: meta.get(n, meta.PHASE, "other")  # noqa: E731
         op = lambda n: f"{phase(n)} {n.target}"  # noqa: E731
         result = {
             "parts": parts,

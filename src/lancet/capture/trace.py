@@ -29,6 +29,7 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lancet.step.train_step import TrainStep
+from lancet.graph import meta
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -72,7 +73,7 @@ def _module_annotations(root: nn.Module) -> Iterator[list[tuple[str, str]]]:
         if name is None:
             return
         stack.append((name or "<model>", type(module).__name__))
-        ctx = fx_traceback.annotate({"module": name or "<model>"})
+        ctx = fx_traceback.annotate({meta.MODULE: name or "<model>"})
         ctx.__enter__()
         contexts.append(ctx)
 
@@ -236,7 +237,7 @@ def capture_forward(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: 
     num_params = len(params)
 
     def flat_forward(*inputs: torch.Tensor):
-        with fx_traceback.annotate({"phase": "forward"}):
+        with fx_traceback.annotate({meta.PHASE: meta.FORWARD}):
             loss, keep = train_step.forward_loss(list(inputs[:num_params]), inputs[num_params], inputs[num_params + 1])
         return (loss, *keep)
 

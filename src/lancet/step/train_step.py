@@ -32,6 +32,7 @@ from torch import Tensor, fx, nn
 from torch.func import functional_call
 
 from lancet.moe.experts import GroupedExperts
+from lancet.graph import meta
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
 PHASE_ANNOTATION = "lancet/{phase}"
@@ -86,7 +87,7 @@ def _tracing() -> bool:
 def _phase(name: str):
     """The phase annotation of traced nodes; a profiler range when run eagerly."""
     with contextlib.ExitStack() as stack:
-        stack.enter_context(fx_traceback.annotate({"phase": name}))
+        stack.enter_context(fx_traceback.annotate({meta.PHASE: name}))
         if not _tracing():
             stack.enter_context(torch.profiler.record_function(PHASE_ANNOTATION.format(phase=name)))
         yield
