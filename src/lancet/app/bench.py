@@ -330,7 +330,7 @@ def _spread(round_ms: list[float]) -> str:
 
 
 def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
-    title = f"{run.spec.model} gate={run.spec.gate} dtype={run.dtype} {run.network_label}"
+    title = f"{run.spec.describe()} dtype={run.dtype} {run.network_label}"
     table = Table(title=title)
     rounds = max(len(r.get("round_ms") or ()) for r in rows)
     columns = ("variant", "executor", "step ms", "q1-q3 ms", "x eager", "tokens/s", "a2a ms", "exposed a2a",

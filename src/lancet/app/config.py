@@ -66,6 +66,13 @@ class ModelSpec:
             overrides["vocab_size"] = self.vocab_size
         return model_config(self.model, **overrides)
 
+    def describe(self) -> str:
+        """The model and its routing in a few words (table titles): ``NAME gate=GATE_DISPATCH``."""
+        if is_factory_reference(self.model):
+            return self.model
+        cfg = self.model_config()
+        return f"{cfg.name} gate={gate_description(cfg.gate)}"
+
     def hf_model_config(self) -> HFModelConfig:
         if self.hf_config is None:
             raise ValueError("--batch-size and --seq-len apply to --hf-config models (GPT-2 names carry their shape)")

@@ -16,6 +16,8 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from lancet.plan.artifact import gate_description
+
 
 def console_for(is_main: bool) -> Console:
     """Rank 0's console (standard output); other ranks print nothing."""
@@ -39,7 +41,8 @@ def header_line(run, session, step: str | None = None) -> str:
     device = torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda" else "CPU"
     backend = "nccl" if runtime.device.type == "cuda" else "gloo"
     local = model_size(session.params)
-    experts = (f"{cfg.total_experts(runtime.world_size)} experts, gate {run.spec.gate}" if hasattr(cfg, "gate")
+    experts = (f"{cfg.total_experts(runtime.world_size)} experts, gate {gate_description(cfg.gate)}"
+               if hasattr(cfg, "gate")
                else f"{cfg.experts} expert-local parameters")  # a --model factory's model
     if step is None:
         step = run.mode if run.plan is None else f"{run.mode}, plan {run.plan} ({run.plan_variant})"
