@@ -32,7 +32,9 @@ def test_profile_optimize_bench_pipeline(tmp_path):
     lancet("profile", *model, "--out", "profile.json", "--passes", "1", "--reps", "2", "--executor", "interpret",
            cwd=tmp_path)
     lancet("profile-comm", "--nproc", "2", "--out", "comm.json", "--max-bytes", "65536", "--reps", "2", cwd=tmp_path)
-    lancet("optimize", "--profile", "profile.json", "--comm", "comm.json", "--out", "plan.json", cwd=tmp_path)
+    optimized = lancet("optimize", "--profile", "profile.json", "--comm", "comm.json", "--out", "plan.json",
+                       "--log-passes", cwd=tmp_path)
+    assert "pass dw: " in optimized.stderr and "nodes" in optimized.stderr, optimized.stderr[-2000:]
     variants = ["eager", "captured", "lancet-dw", "lancet-part", "lancet", "tutel-d2"]
     lancet("bench", *model, "--variants", ",".join(variants), "--plan", "plan.json", "--steps", "2",
            "--warmup", "1", "--profile-steps", "1", "--rounds", "2", "--json", "bench.json", "--executor", "interpret",

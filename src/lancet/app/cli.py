@@ -245,6 +245,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from lancet.plan.optimize import optimize, print_prediction
 
     checked_outputs((args.out, "--out"), folders=((args.trace_dir, "--trace-dir"),))
+    if args.log_passes:
+        _log_passes_to_stderr()
     try:
         if args.max_partitions < 2:
             raise UsageError("--max-partitions must be >= 2")
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--max-partitions", type=int, default=8, help="largest number of parts to try")
     opt.add_argument("--memory-cap", type=int, default=None, help="max extra bytes held alive by dW deferral")
     opt.add_argument("--trace-dir", default=None, help="write predicted Chrome traces here")
+    opt.add_argument("--log-passes", action="store_true", help="print what every pass run changed (nodes, order)")
     opt.set_defaults(func=cmd_optimize)
 
     bench = sub.add_parser("bench", help="run step variants side by side and compare step time and overlap")
@@ -423,6 +426,16 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         _silence_stdout()
         return _error(args.command, "standard output was closed", 1)
+
+
+def _log_passes_to_stderr() -> None:
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pass %(message)s"))
+    logger = logging.getLogger("lancet.passes")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
 
 
 def _error(command: str, message: str, status: int) -> int:

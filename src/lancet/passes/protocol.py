@@ -15,11 +15,14 @@ A pass is a function ``(graph, costs) -> PassResult``:
 
 ``run_passes`` applies a list of ``Pass`` entries in order; after each it lints
 the graph, recompiles its module, checks that an order-only pass kept the node
-set, and can log a diff (node count and how many nodes changed place).
+set, and logs a diff (node count and how many nodes changed place) to the
+``lancet.passes`` logger at INFO level (``lancet optimize --log-passes`` shows it)
+and to an optional callback.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -27,6 +30,7 @@ from typing import Any, Generic, TypeVar
 from torch import fx
 
 G = TypeVar("G")
+_LOG = logging.getLogger("lancet.passes")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +113,7 @@ def run_passes(
             raise PassContractError(f"order-only pass {entry.name} changed the node set")
         line = f"{entry.name}: {graph_diff(before, after)}"
         result.log.append(line)
+        _LOG.info(line)
         if log is not None:
             log(line)
         result.graph, result.decisions[entry.name] = out.graph, out.decisions
