@@ -6,8 +6,8 @@ import ast
 from pathlib import Path
 
 ORDER = ["moe", "models", "step", "capture", "graph", "cost", "sim", "passes", "plan", "runtime", "measure", "app"]
-SAME_AS = {"losses": "moe"}
-"""Top-level modules that sit at a layer of the order."""
+SAME_AS = {"losses": "moe", "integrations": "app"}
+"""Top-level modules and packages that sit at a layer of the order (integrations of other libraries: with app)."""
 EXEMPT = {"lancet", "lancet.api", "lancet.__main__"}
 """The public API and the entry point sit on top, with app."""
 FOUNDATION = {"lancet.graph.meta"}
@@ -62,6 +62,12 @@ def test_no_module_imports_a_later_layer():
             if other is not None and other > own:
                 violations.append(f"{path.relative_to(SRC)}:{line}: {name} imports {imported}")
     assert violations == [], "\n".join(violations)
+
+
+def test_every_package_has_a_layer():
+    unplaced = {name.split(".")[1] for name in _modules() if name not in EXEMPT | FOUNDATION and "." in name
+                and _layer(name) is None}
+    assert unplaced == set(), f"packages with no place in the layer order: {sorted(unplaced)}"
 
 
 def test_foundation_modules_import_nothing_from_lancet():
