@@ -22,7 +22,7 @@ from lancet.app.experiment.process import descendants
 
 TINY = {"model": "gpt2_moe_nl2_m32_nh2_sl8_b4", "vocab_size": 256, "nproc": 2}
 DEFAULTS = {**TINY, "passes": 1, "reps": 2, "comm_args": {"max-bytes": 65536}, "steps": 1, "warmup": 1,
-            "profile_steps": 1}
+            "profile_steps": 1, "executor": "interpret"}  # interpreted: no Inductor compile of CPU kernels
 
 
 def write_lines(path: Path, *lines: dict) -> Path:

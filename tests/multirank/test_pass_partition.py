@@ -84,10 +84,12 @@ def _compare_rank(group, gates, part_counts) -> list[tuple]:
     return seen
 
 
-@pytest.mark.parametrize("world, part_counts", [(2, (2, 3, 4)), (4, (2, 4))])
-def test_partitioned_step_matches_unpartitioned(world, part_counts):
-    seen = run_ranks(_compare_rank, world, GATES, part_counts)
-    assert all(len(s) == len(GATES) * (len(part_counts) + 1) * 2 for s in seen)
+# 2 ranks: every gate, an even and an odd part count; 4 ranks (4 processes on the CI's 2 cores): the switch
+# gate (it drops tokens) in 4 parts.
+@pytest.mark.parametrize("world, part_counts, gates", [(2, (2, 3), GATES), (4, (4,), GATES[:1])])
+def test_partitioned_step_matches_unpartitioned(world, part_counts, gates):
+    seen = run_ranks(_compare_rank, world, gates, part_counts)
+    assert all(len(s) == len(gates) * (len(part_counts) + 1) * 2 for s in seen)
     # Capacity dropped tokens somewhere, so the keep comparison was meaningful.
     assert any(kept < BATCH * 4 * 2 for s in seen for kind, _, kept in s if kind == "switch")
 
