@@ -179,7 +179,8 @@ def _trace(fn, inputs: list[torch.Tensor], model: nn.Module) -> fx.GraphModule:
     # ``preserve_node_meta`` restores the annotations as they were, so a failed capture leaks none.
     with fx_traceback.preserve_node_meta(), _module_annotations(model) as module_stack:
         try:
-            return make_fx(_refusing_inplace_collectives(fn), tracing_mode="symbolic")(*fakes)
+            # Stack traces name the user's line in reports (partition findings); they are not part of fingerprints.
+            return make_fx(_refusing_inplace_collectives(fn), tracing_mode="symbolic", record_stack_traces=True)(*fakes)
         except Exception as err:
             raise CaptureError(describe_capture_failure(err, list(module_stack))) from err
 
