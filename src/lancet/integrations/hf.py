@@ -44,6 +44,7 @@ from lancet.models import ModelOutput, lm_loss
 from lancet.moe import GateConfig, MoELayer
 from lancet.moe.dispatch import group_size
 from lancet.moe.experts import ACTIVATIONS, GroupedGatedExperts, SharedExpert
+from lancet.step.train_step import is_tracing
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +181,17 @@ def _shared_expert(block: nn.Module, config) -> SharedExpert:
     return shared
 
 
-def _gate_config(block: nn.Module, kind: BlockKind, capacity_factor: float | None, aux_loss_coef: float) -> GateConfig:
-    renormalise = kind.renormalise if isinstance(kind.renormalise, bool) else bool(getattr(block.gate, kind.renormalise))
+def topk_gate(top_k: int, capacity_factor: float | None, aux_loss_coef: float, renormalise: bool = True) -> GateConfig:
+    """The topk gate of an HF block: ragged dispatch, dropless unless ``capacity_factor`` is given."""
     return GateConfig(
-        kind="topk", topk=block.gate.top_k, normalize_topk=renormalise, dispatch="ragged",
+        kind="topk", topk=top_k, normalize_topk=renormalise, dispatch="ragged",
         dropless=capacity_factor is None, capacity_factor=capacity_factor or 1.0, aux_loss_coef=aux_loss_coef,
     )
+
+
+def _gate_config(block: nn.Module, kind: BlockKind, capacity_factor: float | None, aux_loss_coef: float) -> GateConfig:
+    renormalise = kind.renormalise if isinstance(kind.renormalise, bool) else bool(getattr(block.gate, kind.renormalise))
+    return topk_gate(block.gate.top_k, capacity_factor, aux_loss_coef, renormalise)
 
 
 def expert_parallel_block(
@@ -228,12 +234,6 @@ def expert_parallel_blocks(model: nn.Module) -> list[ExpertParallelBlock]:
 
 CAUSAL_ATTENTION = "lancet_causal_sdpa"
 """The attention ``CausalLM`` selects: transformers' SDPA attention with no mask tensor (``is_causal``)."""
-
-
-def _tracing() -> bool:
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
-    return torch.compiler.is_compiling() or get_proxy_mode() is not None
 
 
 def _no_mask(*args, **kwargs) -> None:
@@ -279,7 +279,7 @@ class ConstantRotary(nn.Module):
         self._tables: dict[tuple, tuple] = {}
 
     def forward(self, x_BSM: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
-        if not _tracing():
+        if not is_tracing():
             return self.inner(x_BSM, position_ids)
         key = (x_BSM.shape[1], x_BSM.dtype, x_BSM.device)
         if key not in self._tables:
@@ -309,12 +309,14 @@ class CausalLM(nn.Module):
 
     def __init__(self, hf: nn.Module, loss_chunk_tokens: int | None = None) -> None:
         super().__init__()
-        if not expert_parallel_blocks(hf):
+        blocks = expert_parallel_blocks(hf)
+        if not blocks:
             raise ValueError("CausalLM wraps a model made expert-parallel first (make_expert_parallel)")
         for part in ("model", "lm_head"):
             if not isinstance(getattr(hf, part, None), nn.Module):
                 raise TypeError(f"{type(hf).__name__} has no '{part}' module: not a transformers causal LM")
         self.hf = hf
+        self._blocks = blocks  # a plain list (not registered again as submodules), walked once, not per step
         self.loss_chunk_tokens = loss_chunk_tokens
         self.sliding_window = _sliding_window(getattr(hf, "config", None))
         use_causal_attention(hf)
@@ -331,7 +333,7 @@ class CausalLM(nn.Module):
             raise ValueError(f"sequences of {tokens_BS.shape[1]} tokens exceed the sliding window "
                              f"({self.sliding_window}): only full causal attention is supported")
         hidden_BSM = self.hf.model(input_ids=tokens_BS, use_cache=False).last_hidden_state
-        taken = [block.take() for block in expert_parallel_blocks(self.hf)]
+        taken = [block.take() for block in self._blocks]
         aux = hidden_BSM.new_zeros((), dtype=torch.float32)
         for _, layer_aux in taken:
             aux = aux + layer_aux

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from lancet.integrations.hf import CausalLM, make_expert_parallel
+from lancet.integrations.hf import CausalLM, make_expert_parallel, topk_gate
 
 _TINY = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, vocab_size=128,
@@ -134,11 +134,7 @@ class HFModelConfig:
 
     @property
     def gate(self):
-        from lancet.moe import GateConfig
-
-        top_k = self.config.num_experts_per_tok
-        return GateConfig(kind="topk", topk=top_k, dispatch="ragged", dropless=self.capacity_factor is None,
-                          capacity_factor=self.capacity_factor or 1.0, aux_loss_coef=self.aux_loss_coef)
+        return topk_gate(self.config.num_experts_per_tok, self.capacity_factor, self.aux_loss_coef)
 
     def total_experts(self, world_size: int) -> int:
         config = self.config

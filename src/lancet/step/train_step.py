@@ -76,8 +76,8 @@ def allreduce_buckets(grads: list[Tensor], buckets: list[list[int]], group: dist
     return out
 
 
-def _tracing() -> bool:
-    """Whether this runs under a tracer (``torch.compile`` or ``make_fx``), which must not see profiler ranges."""
+def is_tracing() -> bool:
+    """Whether this runs under a tracer (``torch.compile`` or ``make_fx``): no profiler ranges, no eager-only work."""
     from torch.fx.experimental.proxy_tensor import get_proxy_mode
 
     return torch.compiler.is_compiling() or get_proxy_mode() is not None
@@ -88,7 +88,7 @@ def _phase(name: str):
     """The phase annotation of traced nodes; a profiler range when run eagerly."""
     with contextlib.ExitStack() as stack:
         stack.enter_context(fx_traceback.annotate({meta.PHASE: name}))
-        if not _tracing():
+        if not is_tracing():
             stack.enter_context(torch.profiler.record_function(PHASE_ANNOTATION.format(phase=name)))
         yield
 
