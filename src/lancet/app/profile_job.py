@@ -114,7 +114,7 @@ def step_for_profile(document: dict):
 
     from lancet.app.config import ModelSpec, build_run_model
     from lancet.app.data import BatchSource
-    from lancet.app.train import AUTOCAST
+    from lancet.app.train import AUTOCAST, factory_step
     from lancet.models.factory import is_factory_reference
     from lancet.plan.artifact import ArtifactMismatch, identity_from_json
     from lancet.step.train_step import TrainStep
@@ -125,28 +125,15 @@ def step_for_profile(document: dict):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ArtifactMismatch(f"the profile was made on {identity.device}; optimize it on a machine with that GPU")
     group = dist.group.WORLD
-    if is_factory_reference(spec.model):
-        return _factory_step(spec.model, group, device, AUTOCAST[identity.dtype])
+    if is_factory_reference(spec.model):  # rank 0's first batch; planning never updates the parameters
+        _, _, train_step, tokens, targets = factory_step(spec.model, group, device, 0, AUTOCAST[identity.dtype],
+                                                         lambda params: torch.optim.SGD(params, lr=0.0))
+        return train_step, tokens, targets
     cfg = spec.model_config()
     step = TrainStep(build_run_model(cfg, group, device), group, autocast_dtype=AUTOCAST[identity.dtype])
     source = BatchSource(batch_size=cfg.batch_size, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size)
     tokens, targets = (t.to(device) for t in source.batch(0, 0))
     return step, tokens, targets
-
-
-def _factory_step(reference: str, group, device, autocast_dtype):
-    """The step of a ``--model`` factory's model (expert parameters checked on its graph) and rank 0's first batch."""
-    import torch
-
-    from lancet.api import Step
-    from lancet.models.factory import build_bundle
-
-    bundle = build_bundle(reference, group, device)
-    optimizer = torch.optim.SGD(bundle.model.parameters(), lr=0.0)  # planning never updates
-    step = Step(bundle.model, bundle.loss_fn, optimizer, group=group, expert_params=bundle.expert_params,
-                autocast_dtype=autocast_dtype, name=bundle.name)
-    tokens, targets = (t.to(device) for t in bundle.batch(0, 0))
-    return step.train_step((tokens, targets)), tokens, targets
 
 
 __all__ = ["DEFAULT_SIZES", "profile_comm_worker", "profile_worker", "step_for_profile"]

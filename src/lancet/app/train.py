@@ -81,11 +81,6 @@ class FactoryModel:
         return self.batch_size * self.seq_len
 
 
-class _FactoryBatches:
-    def __init__(self, batch) -> None:
-        self.batch = batch
-
-
 def build_session(run: RunConfig, runtime: Runtime) -> Session:
     model_cfg = run.validate(runtime.world_size)
     if model_cfg is None:
@@ -99,21 +94,33 @@ def build_session(run: RunConfig, runtime: Runtime) -> Session:
     return Session(runtime, model_cfg, train_step, params, optimizer, batches, identity)
 
 
-def _factory_session(run: RunConfig, runtime: Runtime) -> Session:
-    """The session of a ``--model package.module:factory`` model, its expert parameters checked on the graph."""
+def factory_step(reference: str, group, device: torch.device, rank: int, autocast_dtype, make_optimizer_for):
+    """A ``--model package.module:factory`` model as a step: ``(bundle, optimizer, train_step, inputs, targets)``.
+
+    The TrainStep's expert parameters are checked on the graph of this rank's first batch (on ``device``);
+    ``make_optimizer_for(params)`` builds the optimizer.
+    """
     from lancet.api import Step
     from lancet.models.factory import build_bundle
 
+    bundle = build_bundle(reference, group, device)
+    optimizer = make_optimizer_for(list(bundle.model.parameters()))
+    step = Step(bundle.model, bundle.loss_fn, optimizer, group=group, expert_params=bundle.expert_params,
+                autocast_dtype=autocast_dtype, name=bundle.name)
+    inputs, targets = (t.to(device) for t in bundle.batch(0, rank))
+    return bundle, optimizer, step.train_step((inputs, targets)), inputs, targets
+
+
+def _factory_session(run: RunConfig, runtime: Runtime) -> Session:
+    """The session of a ``--model package.module:factory`` model (the bundle makes the batches)."""
     torch.manual_seed(run.seed)
-    bundle = build_bundle(run.spec.model, runtime.group, runtime.device)
-    optimizer = make_optimizer(run.optimizer, list(bundle.model.parameters()), run.learning_rate)
-    step = Step(bundle.model, bundle.loss_fn, optimizer, group=runtime.group, expert_params=bundle.expert_params,
-                autocast_dtype=AUTOCAST[run.dtype], name=bundle.name)
-    inputs, targets = bundle.batch(0, runtime.rank)
-    train_step = step.train_step((inputs.to(runtime.device), targets.to(runtime.device)))
+    bundle, optimizer, train_step, inputs, _ = factory_step(
+        run.spec.model, runtime.group, runtime.device, runtime.rank, AUTOCAST[run.dtype],
+        lambda params: make_optimizer(run.optimizer, params, run.learning_rate),
+    )
     shape = tuple(inputs.shape) + (1,)
     info = FactoryModel(bundle.name, shape[0], shape[1], len(train_step.expert_names))
-    return Session(runtime, info, train_step, train_step.parameters(), optimizer, _FactoryBatches(bundle.batch),
+    return Session(runtime, info, train_step, train_step.parameters(), optimizer, bundle,
                    run.identity(runtime.world_size, runtime.device))
 
 
