@@ -76,10 +76,10 @@ class Selection:
         }
 
 
-def _layer_spans(graph: fx.Graph) -> list[tuple[int, int]]:
+def _spans(graph: fx.Graph, stages: list[list[fx.Node]]) -> list[tuple[int, int]]:
     """(first, last) graph position of each MoE layer's dispatch stage, in order."""
     position = {n: i for i, n in enumerate(graph.nodes)}
-    return [(position[stage[0]], position[stage[-1]]) for stage in dispatch_stages(graph)]
+    return [(position[stage[0]], position[stage[-1]]) for stage in stages]
 
 
 def _seams(graph: fx.Graph, axes: dict[fx.Node, Inferred]) -> list[tuple[int, int]]:
@@ -108,16 +108,13 @@ def _seams(graph: fx.Graph, axes: dict[fx.Node, Inferred]) -> list[tuple[int, in
     return runs
 
 
-def _layer_candidates(forward: ForwardGraph, batch_size: int) -> list[tuple[list[int], list[int]]]:
+def _layer_candidates(spans: list[tuple[int, int]], seams: list[tuple[int, int]], num_nodes: int
+                      ) -> list[tuple[list[int], list[int]]]:
     """Per MoE layer: candidate start positions (earliest first) and end positions (earliest first)."""
-    graph = forward.graph
-    spans = _layer_spans(graph)
-    dispatch = {n for stage in dispatch_stages(graph) for n in stage}
-    seams = _seams(graph, infer_forward_axes(graph, len(forward.param_names), batch_size, dispatch=dispatch))
     found = []
     for i, (first, last) in enumerate(spans):
         before = spans[i - 1][1] if i else -1
-        after = spans[i + 1][0] if i + 1 < len(spans) else len(graph.nodes)
+        after = spans[i + 1][0] if i + 1 < len(spans) else num_nodes
         # A run reaching the stage (a chain of ops with no residual beside it) offers its far end instead.
         starts = [run[1] if run[1] < first else run[0] for run in seams if before < run[1] and run[0] < first]
         ends = [(run[0] if run[0] > last + 1 else run[1]) - 1 for run in seams if last < run[1] and run[0] <= after]
@@ -126,54 +123,73 @@ def _layer_candidates(forward: ForwardGraph, batch_size: int) -> list[tuple[list
     return found
 
 
+@dataclass(slots=True)
+class _Layers:
+    """What the range search reads of a forward graph, derived once: its MoE layers' dispatch stages, their
+    candidate starts and ends, and why nodes have no token axis."""
+
+    nodes: list[fx.Node]
+    stages: list[list[fx.Node]]
+    candidates: list[tuple[list[int], list[int]]]
+    reasons: dict[fx.Node, str]
+
+    @classmethod
+    def of(cls, forward: ForwardGraph, batch_size: int) -> _Layers:
+        graph = forward.graph
+        stages = dispatch_stages(graph)
+        dispatch = {n for stage in stages for n in stage}
+        reasons: dict[fx.Node, str] = {}
+        axes = infer_forward_axes(graph, len(forward.param_names), batch_size, reasons, dispatch=dispatch)
+        nodes = list(graph.nodes)
+        candidates = _layer_candidates(_spans(graph, stages), _seams(graph, axes), len(nodes))
+        return cls(nodes, stages, candidates, reasons)
+
+    def ranges(self) -> list[tuple[str, str]]:
+        ranges = [(self.nodes[s].name, self.nodes[e].name) for starts, ends in self.candidates
+                  for s in starts for e in ends]
+        return list(dict.fromkeys(ranges))
+
+    def findings(self) -> list[Finding]:
+        if not self.stages:
+            return [Finding(NO_MOE_LAYER, "no MoE layer found in the forward graph (no token all-to-all pair, no "
+                                          "dispatch_region mark): nothing to partition")]
+        ranges = self.ranges()
+        position = {n.name: i for i, n in enumerate(self.nodes)}
+        findings = [
+            about(stage[0], NO_RANGE, f"MoE layer {i} has no candidate range: no point around it where a single "
+                                      "value with tokens is live")
+            for i, stage in enumerate(self.stages)
+            if not any(position[s] <= position[stage[0].name] and position[stage[-1].name] <= position[e]
+                       for s, e in ranges)
+        ]
+        inside = {n for s, e in ranges for n in self.nodes[position[s] : position[e] + 1]}
+        for node, reason in self.reasons.items():
+            if node in inside and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+                findings.append(about(node, NO_RULE, f"runs whole, cutting the per-part pipeline short: {reason}"))
+        return unique_by_op(findings)
+
+
 def candidate_ranges(forward: ForwardGraph, batch_size: int) -> list[tuple[str, str]]:
     """(start, end) node names around each MoE layer, from the graph alone (see the module docstring)."""
-    nodes = list(forward.graph.nodes)
-    ranges: list[tuple[str, str]] = []
-    for starts, ends in _layer_candidates(forward, batch_size):
-        ranges += [(nodes[s].name, nodes[e].name) for s in starts for e in ends]
-    return list(dict.fromkeys(ranges))
+    return _Layers.of(forward, batch_size).ranges()
 
 
 def block_ranges(forward: ForwardGraph, batch_size: int) -> list[tuple[str, str]]:
     """Per MoE layer, from its earliest candidate start to its earliest candidate end (a transformer block
     holding the layer: attention through the MoE sublayer)."""
-    nodes = list(forward.graph.nodes)
-    return [(nodes[starts[0]].name, nodes[ends[0]].name) for starts, ends in _layer_candidates(forward, batch_size)
+    layers = _Layers.of(forward, batch_size)
+    return [(layers.nodes[starts[0]].name, layers.nodes[ends[0]].name) for starts, ends in layers.candidates
             if ends]
 
 
 def dispatch_ranges(graph: fx.Graph) -> list[tuple[str, str]]:
     """Each MoE layer's dispatch stage alone: all-to-alls and experts (the Tutel-style range)."""
-    nodes = list(graph.nodes)
-    return [(nodes[first].name, nodes[last].name) for first, last in _layer_spans(graph)]
+    return [(stage[0].name, stage[-1].name) for stage in dispatch_stages(graph)]
 
 
 def range_findings(forward: ForwardGraph, batch_size: int) -> list[Finding]:
     """Why ranges are missing or cut short, without pricing anything (``lancet inspect``, the search)."""
-    graph = forward.graph
-    stages = dispatch_stages(graph)
-    if not stages:
-        return [Finding(NO_MOE_LAYER, "no MoE layer found in the forward graph (no token all-to-all pair, no "
-                                      "dispatch_region mark): nothing to partition")]
-    ranges = candidate_ranges(forward, batch_size)
-    position = {n.name: i for i, n in enumerate(graph.nodes)}
-    findings = [
-        about(stage[0], NO_RANGE, f"MoE layer {i} has no candidate range: no point around it where a single "
-                                  "value with tokens is live")
-        for i, stage in enumerate(stages)
-        if not any(position[s] <= position[stage[0].name] and position[stage[-1].name] <= position[e]
-                   for s, e in ranges)
-    ]
-    dispatch = {n for stage in stages for n in stage}
-    reasons: dict[fx.Node, str] = {}
-    infer_forward_axes(graph, len(forward.param_names), batch_size, reasons, dispatch=dispatch)
-    nodes = list(graph.nodes)
-    inside = {n for s, e in ranges for n in nodes[position[s] : position[e] + 1]}
-    for node, reason in reasons.items():
-        if node in inside and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            findings.append(about(node, NO_RULE, f"runs whole, cutting the per-part pipeline short: {reason}"))
-    return unique_by_op(findings)
+    return _Layers.of(forward, batch_size).findings()
 
 
 def _best_non_overlapping(candidates: list[Candidate], position: dict[str, int]) -> list[Candidate]:
@@ -209,8 +225,9 @@ def select_partitions(
     base = simulate(forward.graph, price(forward.graph)).makespan_ms
     position = {n.name: i for i, n in enumerate(forward.graph.nodes)}
     candidates: list[Candidate] = []
-    findings = range_findings(forward, batch_size)
-    for start, end in candidate_ranges(forward, batch_size):
+    layers = _Layers.of(forward, batch_size)
+    findings = layers.findings()
+    for start, end in layers.ranges():
         best: Candidate | None = None
         for parts in range(2, max_parts + 1):
             if batch_size % parts:
