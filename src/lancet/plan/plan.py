@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import fx
 
 from lancet.plan.artifact import ArtifactError, RunIdentity, identity_from_json, read_artifact, write_artifact
 from lancet.capture.trace import ForwardGraph, TrainGraph, capture_forward, capture_step, capture_step_from_forward
@@ -145,11 +146,18 @@ def choose_order(
     before = simulate(graph, costs)
     passes = order_passes(memory_cap_bytes=memory_cap_bytes)
     found = []
+    # A pipeline that extends one already run (dw+allreduce after dw) continues from that one's order.
+    done: dict[tuple[str, ...], tuple[list[fx.Node], dict]] = {(): (original, {})}
     for name, names in order_pipelines(schedule_dw=schedule_dw).items():
-        result = run_passes(train_graph, [passes[n] for n in names], lambda _: costs)
+        prefix = max((p for p in done if names[: len(p)] == p), key=len)
+        order, decisions = done[prefix]
+        apply_order(graph, order)
+        result = run_passes(train_graph, [passes[n] for n in names[len(prefix):]], lambda _: costs)
+        decisions = {**decisions, **result.decisions}
+        done[names] = (list(graph.nodes), decisions)
         timeline = simulate(graph, costs) if names else before
-        found.append(OrderChoice(result.decisions.get(DW), result.decisions.get(ALLREDUCE_GAPS), name, timeline, {}))
-        apply_order(graph, original)
+        found.append(OrderChoice(decisions.get(DW), decisions.get(ALLREDUCE_GAPS), name, timeline, {}))
+    apply_order(graph, original)
     train_graph.gm.recompile()
     best = min(found, key=lambda c: c.timeline.makespan_ms)
     best.candidates = {c.name: c.timeline.summary() for c in found}

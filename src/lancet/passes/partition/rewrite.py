@@ -99,7 +99,6 @@ class PartitionDecisions:
         return cls(regions=[Region.from_json(r) for r in data["regions"]])
 
 
-is_dispatch = meta.is_dispatch
 MICRO_BATCH, WHOLE_BATCH = "micro-batch", "whole-batch"
 
 
@@ -194,7 +193,7 @@ def _classify(nodes: list[fx.Node], axes: dict[fx.Node, Inferred]) -> dict[fx.No
         inferred = axes[node]
         inside = [p for p in node.all_input_nodes if p in members and mode.get(p) != HOISTED]
         outside_token = [p for p in node.all_input_nodes if p not in members and _axis_of(axes, p) != REPLICATED]
-        if is_dispatch(node):
+        if meta.is_dispatch(node):
             mode[node] = DISPATCH
         elif not inside and not outside_token and inferred.axis == REPLICATED:
             mode[node] = HOISTED
