@@ -117,6 +117,7 @@ class VariantResult:
     step_ms: float
     tokens_per_s: float
     peak_mem_gib: float | None
+    """The variant's own peak of allocated GPU memory (model, optimizer, step), whatever ran before it."""
     trace: dict = field(default_factory=dict)
     """Medians of the profiled steps (a2a, exposed communication, ...)."""
     round_ms: list[float] = field(default_factory=list)
@@ -216,8 +217,14 @@ class _VariantState:
 
 
 def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, opts: BenchOptions,
-                   initial: list[torch.Tensor], profile: bool) -> None:
-    """One round of ``variant``: fresh parameters and optimizer, warm-up, timed steps (and the profiled ones)."""
+                   initial: list[torch.Tensor], profile: bool, resident: int) -> None:
+    """One round of ``variant``: fresh parameters and optimizer, warm-up, timed steps (and the profiled ones).
+
+    Peak memory is the variant's own: the most allocated during the round, less what was allocated at its
+    start beyond ``resident`` bytes (the session's model), i.e. less the bench's copy of the initial
+    parameters and what other variants keep (their compiled state, graph outputs). The order of the
+    variants does not change it.
+    """
     from lancet.app.train import make_optimizer
     from lancet.moe.host_copy import blocked_seconds
 
@@ -238,6 +245,7 @@ def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, 
     if runtime.device.type == "cuda":
         torch.cuda.empty_cache()  # every round starts from the same allocator state
         torch.cuda.reset_peak_memory_stats(runtime.device)
+        held_elsewhere = torch.cuda.memory_allocated(runtime.device) - resident
     with ScheduledCollection(run.gc_every) as collection:
         times = _slowest_rank(_timed_steps(one_step, opts, runtime, collection, state.issue_ms), runtime.group)
         if profile:
@@ -245,7 +253,7 @@ def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, 
     state.times.extend(times)
     state.round_ms.append(statistics.median(times))
     if runtime.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(runtime.device) / 2**30
+        peak = (torch.cuda.max_memory_allocated(runtime.device) - held_elsewhere) / 2**30
         state.peak_gib = max(peak, state.peak_gib or 0.0)
 
 
@@ -273,6 +281,7 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
     with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         session = build_session(run, runtime)
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
+        resident = torch.cuda.memory_allocated(runtime.device) if runtime.device.type == "cuda" else 0
         initial = [p.detach().clone() for p in session.params]
         console = Console(width=220)
         if runtime.is_main:
@@ -287,7 +296,7 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
                     runner = _runner(variant, session, plan, opts, functions)
                     states[variant] = _VariantState(runner.step, runner.forward_a2a, runner.executor,
                                                     runner.compile_report)
-                _measure_round(states[variant], variant, run, session, opts, initial, profile=last)
+                _measure_round(states[variant], variant, run, session, opts, initial, profile=last, resident=resident)
                 if runtime.is_main:
                     console.print(f"[round {round_index + 1}/{opts.rounds}, {i}/{len(opts.variants)}] {variant}: "
                                   f"{states[variant].round_ms[-1]:.2f} ms per step "
