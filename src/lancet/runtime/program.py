@@ -6,7 +6,11 @@ two-level ``fx.GraphModule``:
 - the top module calls one submodule per phase (``forward``, ``backward``;
   ``torch.fx.passes.split_module`` cuts the graph at its first backward node),
   so each phase can be timed, marked in a profile and captured as its own CUDA
-  graph;
+  graph. ``StepProgram`` runs the top module's few nodes itself and hands each
+  phase its arguments in a list that the phase empties (``ListArgsCodeGen``):
+  the phase then holds the only reference to each argument and frees it at its
+  last use, so the forward's activations are released during the backward as
+  in the graph they came from, not at the end of the step;
 - inside a phase, every compute region that ``lancet.graph.regions`` marks for
   compilation is one call (``torch.fx.passes.utils.fuser_utils.fuse_as_graphmodule``
   moves its nodes into a submodule, called where its last node was); collectives,
@@ -27,6 +31,7 @@ in the source graph's order and raises otherwise.
 from __future__ import annotations
 
 import operator
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -65,19 +70,95 @@ class RegionCall(nn.Module):
             return self.impl(*args)
 
 
+class ListArgsCodeGen(fx.CodeGen):
+    """Generated ``forward(self, args)`` takes its inputs in one list and empties it before running.
+
+    The caller passes the only other references in the list, so every input is freed at its last use in
+    the module (the generated code drops each value after its last use) rather than when the call returns.
+    """
+
+    def gen_fn_def(self, free_vars: list[str], maybe_return_annotation: str, *args, **kwargs) -> str:
+        names = [v.split(":")[0].split("=")[0].strip() for v in free_vars if v != "self"]
+        name = getattr(self, "_func_name", "forward")
+        lines = [f"def {name}(self, args){maybe_return_annotation}:"]
+        if names:
+            lines.append(f"    {', '.join(names)}, = args")
+        lines.append("    args.clear()")
+        return "\n".join(lines)
+
+
 class PhaseCall(nn.Module):
-    """One phase as called from the top module: a profiler range around ``impl`` (the phase module by default)."""
+    """One phase as called from the top module: a profiler range around ``impl`` (the phase module by default).
+
+    Called with its arguments in a list, which it empties (``ListArgsCodeGen``).
+    """
 
     def __init__(self, phase: str, module: fx.GraphModule) -> None:
         super().__init__()
         self.phase = phase
         self.module = module
+        module.graph.set_codegen(ListArgsCodeGen())
+        module.recompile()
         self.impl = module.forward
         self.annotation = PHASE_ANNOTATION.format(phase=phase)
 
-    def forward(self, *args):
+    def forward(self, args: list):
         with torch.profiler.record_function(self.annotation):
-            return self.impl(*args)
+            return self.impl(args)
+
+
+class _TopRunner:
+    """Runs a program's top module node by node: each value is dropped at its last use, and a phase is
+    called with its arguments in a list it empties, after the runner has dropped its own references."""
+
+    def __init__(self, top: fx.GraphModule) -> None:
+        self.top = top
+        self.nodes = list(top.graph.nodes)
+        last_user: dict[fx.Node, fx.Node] = {}
+        for node in self.nodes:
+            for value in node.all_input_nodes:
+                last_user[value] = node
+        self.dead_after: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+        for value, user in last_user.items():
+            self.dead_after[user].append(value)
+
+    def __call__(self, inputs: tuple):
+        env: dict[fx.Node, object] = {}
+        given = iter(inputs)
+        for node in self.nodes:
+            if node.op == "placeholder":
+                env[node] = next(given)
+                continue
+            if node.op == "output":
+                return fx.node.map_arg(node.args[0], env.__getitem__)
+            if node.op == "get_attr":  # a constant the trace lifted (e.g. a scalar tensor)
+                env[node] = operator.attrgetter(node.target)(self.top)
+                continue
+            args = list(fx.node.map_arg(node.args, env.__getitem__))  # the only references but env's
+            kwargs = dict(fx.node.map_arg(node.kwargs, env.__getitem__))
+            for value in self.dead_after[node]:
+                del env[value]
+            if node.op == "call_module":
+                env[node] = getattr(self.top, node.target)(args)  # the phase empties ``args``
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)
+            else:
+                raise RuntimeError(f"unexpected node {node.format_node()} in a step program's top module")
+            del args, kwargs
+        raise RuntimeError("a step program's top module has no output")
+
+
+def forward_outputs_kept(top: fx.GraphModule, phase: PhaseCall) -> set[int] | None:
+    """Indices of ``phase``'s outputs that the program returns (None: all of them, for a phase whose call
+    result is returned whole). The others only feed later phases."""
+    call = next(n for n in top.graph.nodes if n.op == "call_module" and getattr(top, n.target) is phase)
+    kept: set[int] = set()
+    for user in call.users:
+        if user.op == "output":
+            return None
+        if user.target is operator.getitem and any(u.op == "output" for u in user.users):
+            kept.add(user.args[1])
+    return kept
 
 
 @dataclass(slots=True)
@@ -90,9 +171,13 @@ class StepProgram:
     calls: dict[int, RegionCall] = field(default_factory=dict)
     """Region index -> its call, for the regions that are compiled."""
     phases: list[PhaseCall] = field(default_factory=list)
+    runner: _TopRunner | None = None
+
+    def __post_init__(self) -> None:
+        self.runner = _TopRunner(self.top)
 
     def __call__(self, *inputs):
-        return self.top(*inputs)
+        return self.runner(inputs)
 
 
 def _copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[fx.Node, fx.Node]]:
