@@ -6,15 +6,19 @@ dispatch reads split sizes on the host). ``graph_blockers`` names what stands in
 the way.
 
 Capture (``GraphedPhase``): after warm-up steps on a side stream (Inductor has
-compiled and autotuned, NCCL communicators exist), each phase is captured once
-into a ``torch.cuda.CUDAGraph``; the phases share one memory pool, so the
-forward's outputs that the backward reads stay where the backward graph expects
-them. Each collective's start and its wait lie in the same phase, so in the same
-graph. Inputs that live at fixed addresses (parameters, updated in place by the
-optimizer; outputs of an earlier phase's graph) are read where they are; every
-other input (the batch) is copied into a buffer the graph owns before each
-replay. Outputs are tensors the graph owns: the next replay overwrites them, so
-the caller consumes them (the optimizer applies the gradients) before it.
+compiled and autotuned, NCCL communicators exist), each phase runs once more on
+exactly the inputs of its capture (so nothing compiles inside the capture; a
+recompile there is an error), then is captured once into a
+``torch.cuda.CUDAGraph``; the phases share one memory pool, so the forward's
+outputs that the backward reads stay where the backward graph expects them, and
+the backward, which frees them at their last use while it is captured, reuses
+their memory as the step does without graphs. Each collective's start and its
+wait lie in the same phase, so in the same graph. Inputs that live at fixed
+addresses (parameters, updated in place by the optimizer; outputs of an earlier
+phase's graph) are read where they are; every other input (the batch) is copied
+into a buffer the graph owns before each replay. Outputs are tensors the graph
+owns: the next replay overwrites them, so the caller consumes them (the
+optimizer applies the gradients) before it.
 """
 
 from __future__ import annotations
@@ -78,37 +82,56 @@ def _storage(tensor: torch.Tensor) -> int:
 class GraphedPhase:
     """One phase of a program, captured on its first call and replayed on every later call.
 
-    ``fixed`` holds the storage addresses of inputs that stay put between calls;
-    inputs elsewhere are copied into graph-owned buffers on every replay.
+    Called like a ``PhaseCall``'s module: with its arguments in a list, which it empties. ``fixed`` holds
+    the storage addresses of inputs that stay put between calls (read where they are; at a replay the
+    argument in their place is not looked at, and may be None); inputs elsewhere are copied into
+    graph-owned buffers on every replay. ``kept``: indices of the outputs that the program returns (None:
+    all); the phase keeps only those between calls. The others only feed a later phase, which frees them
+    at their last use while it is captured, so its graph may reuse their memory, as the step does
+    when it is not graphed; at a replay they come back as None.
     """
 
-    def __init__(self, run: Callable, pool, fixed: set[int]) -> None:
+    def __init__(self, run: Callable, pool, fixed: set[int], kept: set[int] | None = None) -> None:
         self.run = run
         self.pool = pool
         self.fixed = fixed
+        self.kept = kept
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: list = []
-        self.copied: list[int] = []
+        self.buffers: dict[int, torch.Tensor] = {}
         self.outputs = None
 
-    def __call__(self, *args):
+    def __call__(self, args: list):
         if self.graph is None:
-            self._capture(args)
-        for i in self.copied:
-            self.inputs[i].copy_(args[i])
+            return self._capture(args)
+        for i, buffer in self.buffers.items():
+            buffer.copy_(args[i])
+        args.clear()
         self.graph.replay()
         return self.outputs
 
-    def _capture(self, args: tuple) -> None:
-        self.inputs = list(args)
-        for i, arg in enumerate(args):
+    def _capture(self, args: list):
+        """Capture the phase on ``args`` and replay it once; returns every output (the later phases' too)."""
+        inputs = list(args)
+        args.clear()
+        for i, arg in enumerate(inputs):
             if isinstance(arg, torch.Tensor) and _storage(arg) not in self.fixed:
-                self.inputs[i] = arg.clone()
-                self.copied.append(i)
+                inputs[i] = self.buffers[i] = arg.clone()
+        # One run outside the capture on exactly these inputs: whatever it compiles or initialises lazily for
+        # them (a recompile for new input properties, say) happens here, not inside the capture.
+        self.run(list(inputs))
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
-            self.outputs = self.run(*self.inputs)
-        self.fixed.update(_storage(t) for t in _tensors(self.outputs))
+        try:
+            with torch.compiler.set_stance("fail_on_recompile"), \
+                    torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
+                outputs = self.run(inputs)
+        except RuntimeError as error:
+            self.graph = None
+            raise GraphCaptureError(f"capturing a phase as a CUDA graph failed: {error}") from error
+        self.fixed.update(_storage(t) for t in _tensors(outputs))
+        self.graph.replay()
+        self.outputs = outputs if self.kept is None else tuple(
+            out if i in self.kept else None for i, out in enumerate(outputs))
+        return outputs
 
 
 def _tensors(value) -> list[torch.Tensor]:

@@ -30,7 +30,7 @@ from lancet.capture.trace import TrainGraph
 from lancet.graph.regions import MIN_KERNELS
 from lancet.runtime.compile import CompileEvent, CompileReport, RegionCompiler
 from lancet.runtime.cudagraph import GraphedPhase, warm_up_on_side_stream, why_not_graphed
-from lancet.runtime.program import build_program
+from lancet.runtime.program import build_program, forward_outputs_kept
 from lancet.step.train_step import StepResult
 
 EXECUTORS = ("interpret", "compiled", "cudagraph")
@@ -144,7 +144,8 @@ class StepExecutor:
         fixed = {p.untyped_storage().data_ptr() for p in params}
         pool = torch.cuda.graph_pool_handle()
         for phase in self.program.phases:
-            phase.impl = GraphedPhase(phase.module.forward, pool, fixed)
+            kept = forward_outputs_kept(self.program.top, phase)
+            phase.impl = GraphedPhase(phase.module.forward, pool, fixed, kept)
 
 
 def make_executor(train_graph: TrainGraph, kind: str | None = None, *,
