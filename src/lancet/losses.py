@@ -9,7 +9,9 @@ mean over tokens) but never holds the ``[N, V]`` logits, nor their gradient, in
 float32. Per chunk of tokens it computes the logits in the compute dtype (the
 autocast dtype, e.g. bf16, or the inputs' own), the log-softmax of that chunk
 in float32, and right away the chunk's gradients with respect to the hidden
-states and the weight. Backward only scales those saved gradients by the
+states and the weight. Each chunk is traced as its own unit
+(``lancet.graph.meta.separate_region``), so the compiled executor compiles it
+apart from the others and its logits die before the next chunk's are made. Backward only scales those saved gradients by the
 incoming gradient: the same three GEMMs as the plain loss, no recompute. It is
 an ``autograd.Function`` of plain tensor ops, so ``make_fx`` traces it (the
 gradient GEMMs appear in the forward graph) and the step that differentiates
@@ -22,6 +24,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from lancet.graph import meta
 
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
 """Chunks hold at most this many bytes of float32 logits by default."""
@@ -66,15 +70,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         losses, grad_hidden, grad_weight = [], [], None
         with torch.autocast(hidden_NM.device.type, enabled=False):
             chunks = zip(hidden_NM.split(chunk_tokens), targets_N.split(chunk_tokens))
-            for hidden_CM, targets_C in chunks:
-                loss, g_hidden, g_weight = _chunk_loss_and_grads(
-                    hidden_CM.to(dtype), weight_c, targets_C, real_P, 1.0 / num_tokens, want_grads
-                )
-                losses.append(loss)
-                if want_grads:
-                    grad_hidden.append(g_hidden)
-                    g_weight = g_weight.float()
-                    grad_weight = g_weight if grad_weight is None else grad_weight + g_weight
+            for i, (hidden_CM, targets_C) in enumerate(chunks):
+                # Each chunk its own compiled region: a compiler that fused across chunks (the final sum
+                # of the losses into the first chunk's gradient kernel) kept every chunk's logits alive.
+                with meta.separate_region(f"loss_chunk_{i}"):
+                    loss, g_hidden, g_weight = _chunk_loss_and_grads(
+                        hidden_CM.to(dtype), weight_c, targets_C, real_P, 1.0 / num_tokens, want_grads
+                    )
+                    losses.append(loss)
+                    if want_grads:
+                        grad_hidden.append(g_hidden)
+                        g_weight = g_weight.float()
+                        grad_weight = g_weight if grad_weight is None else grad_weight + g_weight
             loss = torch.stack(losses).sum() / num_tokens
         if want_grads:
             ctx.save_for_backward(

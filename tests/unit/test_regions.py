@@ -14,6 +14,7 @@ from lancet.app.data import BatchSource
 from lancet.app.variant_runners import block_partition_graph
 from lancet.capture.trace import capture_step
 from lancet.cost.model import ToyCostModel
+from lancet.graph import meta
 from lancet.graph.roles import Role, node_role, wait_of
 from lancet.graph.regions import DYNAMIC, SMALL, STATIC, cut_regions, is_boundary, is_dynamic, node_phase
 from lancet.models import build_model, model_config
@@ -142,3 +143,18 @@ def test_program_without_compiled_regions_still_computes_the_graph(min_kernels):
     inputs = (torch.randn(3, 4), torch.randn(4, 4))
     assert all(torch.equal(a, e) for a, e in zip(program(*inputs), train_graph.gm(*inputs)))
     assert len(program.calls) == {1: 2, 2: 1, 1000: 0}[min_kernels]
+
+
+def test_each_chunk_of_the_chunked_loss_is_a_region_of_its_own():
+    with fake_process_group(1):
+        group = dist.group.WORLD
+        cfg = model_config("gpt2_moe_nl1_m32_nh2_sl8_b4", vocab_size=97, gate=GateConfig(kind="switch"),
+                           loss_chunk_tokens=8)
+        step = TrainStep(build_model(cfg, group), group)
+        tokens, targets = BatchSource(batch_size=4, seq_len=8, vocab_size=97).batch(0, 0)
+        regions = cut_regions(capture_step(step, tokens, targets).graph)
+    units = [{meta.unit(n) for n in r.nodes} for r in regions]
+    assert all(len(u) == 1 for u in units)  # no region mixes two chunks, or a chunk with other nodes
+    chunk_regions = [r for r, u in zip(regions, units) if next(iter(u)) is not None]
+    assert [meta.unit(r.nodes[0]) for r in chunk_regions] == [f"loss_chunk_{i}" for i in range(4)]
+    assert all(r.compiled for r in chunk_regions)

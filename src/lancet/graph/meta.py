@@ -13,6 +13,7 @@ fills while tracing, and that graph copies keep):
 | ``ORIGIN``   | the partition rewrite             | name of the node a copy was made from           |
 | ``REGION``   | the partition rewrite             | index of the partitioned region a node belongs to |
 | ``TOKEN_ROWS``| the partition rewrite            | an all-to-all copy carries token rows (copies have no fake value to tell) |
+| ``UNIT``     | ``separate_region`` (trace time)  | a label: compiled regions never mix nodes of two labels |
 
 This module is a leaf (it imports nothing from lancet), so the layers that
 write metadata while tracing (moe, step, capture) and those that read it
@@ -46,6 +47,7 @@ PARTS = "parts"
 ORIGIN = "origin"
 REGION = "region"
 TOKEN_ROWS = "token_rows"
+UNIT = "unit"
 
 
 def custom(node: fx.Node) -> dict:
@@ -92,3 +94,16 @@ def gate_region() -> Iterator[None]:
     """Mark the ops traced inside as a MoE layer's routing decision (informational)."""
     with fx_traceback.annotate({MOE_STAGE: GATE}):
         yield
+
+
+@contextlib.contextmanager
+def separate_region(label: str) -> Iterator[None]:
+    """Mark the ops traced inside as one unit: the compiled executor never compiles them together with ops
+    outside it (``lancet.graph.regions``), so a compiler cannot move work between units (e.g. keep every
+    chunk of a chunked loss alive at once by fusing across chunks)."""
+    with fx_traceback.annotate({UNIT: label}):
+        yield
+
+
+def unit(node: fx.Node) -> str | None:
+    return get(node, UNIT)

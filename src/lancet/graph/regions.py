@@ -5,8 +5,9 @@ must never hold a node whose position the plan fixes relative to a collective.
 A *boundary* is a collective start, a collective wait, a host sync, a host wait,
 or the asynchronous split-size copy (``lancet::to_host``). A *region* is a
 maximal run of consecutive compute nodes (graph order) with no boundary between
-them and one phase (forward or backward), so no region straddles a collective
-window edge or the phase boundary.
+them, one phase (forward or backward) and one unit (``meta.separate_region``:
+each chunk of the chunked loss is one), so no region straddles a collective
+window edge, the phase boundary or a unit's edge.
 
 Regions are of three kinds:
 
@@ -98,7 +99,7 @@ def _kernels(nodes: list[fx.Node]) -> int:
 
 
 def _runs(graph: fx.Graph) -> list[list[fx.Node]]:
-    """Maximal runs of compute nodes with no boundary between them and one phase."""
+    """Maximal runs of compute nodes with no boundary between them, one phase and one unit."""
     runs: list[list[fx.Node]] = []
     current: list[fx.Node] = []
     for node in graph.nodes:
@@ -107,7 +108,7 @@ def _runs(graph: fx.Graph) -> list[list[fx.Node]]:
                 runs.append(current)
             current = []
             continue
-        if current and node_phase(node) != node_phase(current[0]):
+        if current and (node_phase(node), meta.unit(node)) != (node_phase(current[-1]), meta.unit(current[-1])):
             runs.append(current)
             current = []
         current.append(node)
