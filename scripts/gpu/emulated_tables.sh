@@ -9,7 +9,8 @@
 #
 # Usage:  bash scripts/gpu/emulated_tables.sh
 # Env (defaults in brackets):
-#   MODELS   ["gpt2_moe_nl12_m768_nh16_sl512_b48 gpt2_moe_nl24_m1024_nh16_sl512_b24"]
+#   MODELS   ["gpt2_moe_nl12_m768_nh16_sl512_b48 gpt2_moe_nl24_m1024_nh16_sl512_b24"]; hf:NAME is a HuggingFace
+#            config (--hf-config NAME, e.g. hf:qwen3-moe-h200)
 #   WORLDS   ["4 8"]            REGIMES ["ib100 ib400"] (shipped names or profile-comm JSON paths)
 #   VARIANTS ["eager,captured,tutel-d2,tutel-d4,lancet-dw,lancet-part,lancet"]
 #   GATE [switch]  DTYPE [bf16]  STEPS [8]  WARMUP [2]  ROUNDS [1]  PROFILE_STEPS [1]  PASSES [2]  REPS [3]
@@ -48,6 +49,7 @@ done_or_run() {
     return $rc
 }
 emulate() { echo "--emulate $1:$2${SMS:+ --emulate-sms $SMS}"; }
+model_args() { case $1 in hf:*) echo "--hf-config ${1#hf:}";; *) echo "--model $1";; esac; }
 
 if [ "${SELFTEST:-1}" = 1 ]; then
     done_or_run "$D/selftest.ok" bash -c "python3 -m pytest -q -p no:cacheprovider tests/gpu/test_emulation_cuda.py && touch $D/selftest.ok" \
@@ -62,11 +64,11 @@ for W in $WORLDS; do
 done
 
 for M in $MODELS; do
-    tag() { echo "$(echo $M | sed 's/gpt2_moe_//')_w$1"; }
+    tag() { echo "$(echo ${M#hf:} | sed 's/gpt2_moe_//')_w$1"; }
     for W in $WORLDS; do
         R0=$(echo $REGIMES | cut -d' ' -f1)
         PROFILE="$D/profile_$(tag $W).json"
-        done_or_run "$PROFILE" $LANCET profile --model $M --gate $G --dtype $DT $(emulate $W $R0) --out "$PROFILE" \
+        done_or_run "$PROFILE" $LANCET profile $(model_args $M) --gate $G --dtype $DT $(emulate $W $R0) --out "$PROFILE" \
             --passes ${PASSES:-2} --reps ${REPS:-3} || continue
         for R in $REGIMES; do
             NAME="$(tag $W)_$(short $R)"
@@ -76,7 +78,7 @@ for M in $MODELS; do
                 --out "$D/plan_$NAME.json" --trace-dir "$D/pred_$NAME" || continue
             MEASURED="${MEASURED_DIR:-docs/data}/measured_${M}_w${W}_$(short $R).json"
             EXTRA=""; [ -e "$MEASURED" ] && EXTRA="--measured $MEASURED"
-            done_or_run "$D/bench_$NAME.json" bash -c "$LANCET bench --model $M --gate $G --dtype $DT $(emulate $W $R) \
+            done_or_run "$D/bench_$NAME.json" bash -c "$LANCET bench $(model_args $M) --gate $G --dtype $DT $(emulate $W $R) \
                 --variants $VARIANTS --plan $D/plan_$NAME.json --steps ${STEPS:-8} --warmup ${WARMUP:-2} \
                 --rounds ${ROUNDS:-1} --profile-steps ${PROFILE_STEPS:-1} --json $D/partial_bench_$NAME.json \
                 --trace-dir /tmp/emulated_traces/$NAME $EXTRA && mv $D/partial_bench_$NAME.json $D/bench_$NAME.json"
