@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lancet.integrations.hf import CausalLM, UnsupportedMoEBlock, make_expert_parallel
+from lancet.integrations.hf import CausalLM, UnsupportedMoEBlock, hf_parameter, make_expert_parallel
 from lancet.integrations.hf_models import hf_model_config, load_causal_lm
 from lancet.moe.gates import GateConfig, route, topk_keep
 
@@ -60,3 +60,37 @@ def test_topk_then_softmax_router():
     routing = route(logits, GateConfig(kind="topk", topk=2, router="topk_softmax"))
     assert routing.expert_TK.tolist() == [[1, 2]]
     torch.testing.assert_close(routing.weight_TK, torch.softmax(torch.tensor([[3.0, 2.0]]), dim=-1))
+
+
+@pytest.mark.parametrize("name", ["mixtral-tiny", "qwen3-moe-tiny", "qwen2-moe-tiny", "olmoe-tiny"])
+def test_the_class_router_loss_is_reproduced_and_captures(name):
+    import torch.nn.functional as F
+
+    from lancet.capture.trace import capture_step
+    from lancet.runtime.captured import CapturedStep
+    from lancet.step.train_step import TrainStep
+
+    model = load_causal_lm(name, seed=3)
+    model.config.output_router_logits = True
+    model.config.router_aux_loss_coef = 0.25
+    reference = copy.deepcopy(model)
+    lm = CausalLM(make_expert_parallel(model, None))
+    assert lm.router_aux_loss_coef == 0.25
+    tokens, targets = torch.randint(0, 128, (2, 8)), torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        out = reference(input_ids=tokens, output_router_logits=True)
+        want = F.cross_entropy(out.logits.reshape(-1, 128), targets.reshape(-1)) + 0.25 * out.aux_loss
+        got = lm.loss(lm(tokens), targets)
+    assert out.aux_loss > 0 and abs(got.item() - want.item()) < 1e-5, (got.item(), want.item())
+    step = TrainStep(lm, None)
+    eager = step(step.parameters(), tokens, targets)
+    out = reference(input_ids=tokens, output_router_logits=True)
+    (F.cross_entropy(out.logits.reshape(-1, 128), targets.reshape(-1)) + 0.25 * out.aux_loss).backward()
+    reference_grads = dict(reference.named_parameters())
+    for param_name, grad in zip(step.param_names, eager.grads):  # the router's gradients hold the aux loss's
+        ref_name, shard = hf_parameter(param_name)
+        want_grad = reference_grads[ref_name].grad
+        want_grad = want_grad.transpose(1, 2) if shard else want_grad
+        assert torch.allclose(grad, want_grad, rtol=1e-4, atol=1e-6), param_name
+    captured = CapturedStep(capture_step(step, tokens, targets))(step.parameters(), tokens, targets)
+    assert torch.equal(captured.loss, eager.loss) and all(torch.equal(a, b) for a, b in zip(captured.grads, eager.grads))

@@ -34,6 +34,8 @@ so the loss is lancet's fused chunked cross entropy (``lm_loss``).
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 
 from lancet.models import ModelOutput, lm_loss
 from lancet.moe import GateConfig, MoELayer
+from lancet.moe.layer import MoEOutput
 from lancet.moe.dispatch import group_size
 from lancet.moe.experts import ACTIVATIONS, GroupedGatedExperts, SharedExpert
 from lancet.step.train_step import is_tracing
@@ -113,7 +116,8 @@ def sparse_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 class ExpertParallelBlock(MoELayer):
-    """Stands in for a sparse MoE block: ``[B, S, M] -> [B, S, M]``, remembering the keep mask and aux loss.
+    """Stands in for a sparse MoE block: ``[B, S, M] -> [B, S, M]``, remembering the keep mask, aux loss and
+    router logits.
 
     A ``MoELayer`` itself (not a wrapper), so that graph passes see the layer at the block's own name.
     """
@@ -126,20 +130,18 @@ class ExpertParallelBlock(MoELayer):
         with torch.device("meta"):  # the router is built empty, then given the block's weight
             super().__init__(d_model, 1, num_experts, gate, group, experts=experts, shared_expert=shared_expert)
         self.router.weight = _parameter(router_weight_EM)
-        self.keep_TK: Tensor | None = None
-        self.aux_loss: Tensor | None = None
+        self.last: MoEOutput | None = None
 
     def forward(self, hidden_BSM: Tensor) -> Tensor:
-        out = super().forward(hidden_BSM)
-        self.keep_TK, self.aux_loss = out.keep_TK, out.aux_loss
-        return out.out
+        self.last = super().forward(hidden_BSM)
+        return self.last.out
 
-    def take(self) -> tuple[Tensor, Tensor]:
-        """The last forward's keep mask and aux loss (forgotten here, so no step holds on to them)."""
-        if self.keep_TK is None:
+    def take(self) -> MoEOutput:
+        """The last forward's output (keep mask, aux loss, router logits); forgotten here, so no step holds on
+        to it."""
+        if self.last is None:
             raise RuntimeError("ExpertParallelBlock.take() before a forward")
-        taken = (self.keep_TK, self.aux_loss)
-        self.keep_TK = self.aux_loss = None
+        taken, self.last = self.last, None
         return taken
 
 
@@ -213,7 +215,8 @@ def make_expert_parallel(
 
     ``group=None`` keeps all experts in one process. ``capacity_factor`` (None: dropless) caps each expert
     at ``int(cf * ceil(T * K / E))`` of the rank's T*K assignments. ``aux_loss_coef`` > 0 adds lancet's
-    Switch load-balancing loss per layer (not the class's own ``router_aux_loss_coef`` loss).
+    Switch load-balancing loss per layer; the class's own loss (``output_router_logits`` and
+    ``router_aux_loss_coef`` in its config) is ``CausalLM``'s.
     Raises ``UnsupportedMoEBlock`` for a block class it does not know, before changing anything.
     """
     blocks = sparse_moe_blocks(model)
@@ -301,10 +304,25 @@ def _sliding_window(config) -> int | None:
     return getattr(config, "sliding_window", None)
 
 
+def class_balance_loss(hf: nn.Module) -> Callable:
+    """The load-balancing loss function of ``hf``'s modeling module (``load_balancing_loss_func``, as the class
+    calls it when its config sets ``output_router_logits``); a clear error for a class without one."""
+    module = sys.modules.get(type(hf).__module__)
+    function = getattr(module, "load_balancing_loss_func", None)
+    if not callable(function):
+        raise UnsupportedMoEBlock(
+            f"{type(hf).__name__} sets output_router_logits but its module {type(hf).__module__} has no "
+            "load_balancing_loss_func to reproduce its router loss; set output_router_logits=False")
+    return function
+
+
 class CausalLM(nn.Module):
     """A ``transformers`` causal LM (made expert-parallel) as ``TrainStep`` takes it: ``tokens -> ModelOutput``.
 
     ``hf.model`` is the decoder (its last hidden state is after the final norm) and ``hf.lm_head`` the head.
+    When the config sets ``output_router_logits``, the loss adds the class's own router loss as the class
+    does: ``router_aux_loss_coef * load_balancing_loss_func(router logits of every layer, E, top_k)``, over
+    this rank's tokens (the router is replicated, so each rank's term is the original model's on its batch).
     """
 
     def __init__(self, hf: nn.Module, loss_chunk_tokens: int | None = None) -> None:
@@ -323,6 +341,10 @@ class CausalLM(nn.Module):
         if not isinstance(getattr(hf.model, "rotary_emb", None), nn.Module):
             raise TypeError(f"{type(hf).__name__}.model has no rotary_emb: not a supported decoder")
         hf.model.rotary_emb = ConstantRotary(hf.model.rotary_emb)
+        config = getattr(hf, "config", None)
+        self.router_aux_loss_coef = (float(getattr(config, "router_aux_loss_coef", 0.0))
+                                     if getattr(config, "output_router_logits", False) else 0.0)
+        self.balance_loss = class_balance_loss(hf) if self.router_aux_loss_coef else None
 
     @property
     def vocab_size(self) -> int:
@@ -335,12 +357,19 @@ class CausalLM(nn.Module):
         hidden_BSM = self.hf.model(input_ids=tokens_BS, use_cache=False).last_hidden_state
         taken = [block.take() for block in self._blocks]
         aux = hidden_BSM.new_zeros((), dtype=torch.float32)
-        for _, layer_aux in taken:
-            aux = aux + layer_aux
+        for layer in taken:
+            aux = aux + layer.aux_loss
+        if self.balance_loss is not None:
+            aux = aux + self.router_aux_loss_coef * self._router_loss(taken)
         return ModelOutput(
             hidden_BSM=hidden_BSM, head_weight_PM=self.hf.lm_head.weight, vocab_size=self.vocab_size, aux_loss=aux,
-            keep=[keep for keep, _ in taken], loss_chunk_tokens=self.loss_chunk_tokens,
+            keep=[layer.keep_TK for layer in taken], loss_chunk_tokens=self.loss_chunk_tokens,
         )
+
+    def _router_loss(self, taken: list[MoEOutput]) -> Tensor:
+        block = self._blocks[0]
+        return self.balance_loss(tuple(layer.router_logits_TE for layer in taken), block.num_experts,
+                                 block.gate_cfg.experts_per_token, None)
 
     def logits(self, tokens_BS: Tensor) -> Tensor:
         return self(tokens_BS).logits()

@@ -39,6 +39,8 @@ class MoEOutput:
     """Load-balancing loss of this layer (0-dim)."""
     keep_TK: Tensor
     """Which of each token's choices were dispatched (False: dropped)."""
+    router_logits_TE: Tensor | None = None
+    """The router's logits over all experts (for a model's own load-balancing loss)."""
 
 
 class MoELayer(nn.Module):
@@ -95,7 +97,8 @@ class MoELayer(nn.Module):
         d_model = x_BSM.shape[-1]
         tokens_TM = x_BSM.reshape(-1, d_model)
         with meta.gate_region():
-            routing = route(self.router(tokens_TM), self.gate_cfg)
+            logits_TE = self.router(tokens_TM)
+            routing = route(logits_TE, self.gate_cfg)
         # Everything from here to the combine treats each token's row on its own (routing is fixed):
         # the contract that lets a partition pass run it on any subset of tokens.
         with meta.dispatch_region():
@@ -105,7 +108,8 @@ class MoELayer(nn.Module):
                 out_TM, keep_TK = self._ragged(tokens_TM, routing), routing.keep_TK
         if self.shared_expert is not None:
             out_TM = out_TM + self.shared_expert(tokens_TM)
-        return MoEOutput(out=out_TM.view_as(x_BSM).to(x_BSM.dtype), aux_loss=routing.aux_loss, keep_TK=keep_TK)
+        return MoEOutput(out=out_TM.view_as(x_BSM).to(x_BSM.dtype), aux_loss=routing.aux_loss, keep_TK=keep_TK,
+                         router_logits_TE=logits_TE)
 
     def _ragged(self, tokens_TM: Tensor, routing: Routing) -> Tensor:
         plan = plan_dispatch(routing, self.num_experts, self.group)
