@@ -11,8 +11,9 @@ autocast dtype, e.g. bf16, or the inputs' own), the log-softmax of that chunk
 in float32, and right away the chunk's gradients with respect to the hidden
 states and the weight. Each chunk is traced as its own unit
 (``lancet.graph.meta.separate_region``), so the compiled executor compiles it
-apart from the others and its logits die before the next chunk's are made. Backward only scales those saved gradients by the
-incoming gradient: the same three GEMMs as the plain loss, no recompute. It is
+apart from the others and its logits die before the next chunk's are made.
+Backward only scales those saved gradients by the incoming gradient: the same
+three GEMMs as the plain loss, no recompute. It is
 an ``autograd.Function`` of plain tensor ops, so ``make_fx`` traces it (the
 gradient GEMMs appear in the forward graph) and the step that differentiates
 it with ``torch.autograd.grad`` captures as one graph.
