@@ -7,7 +7,7 @@ import torch
 
 from lancet.app import cli
 from lancet.app.bench import BenchOptions, is_known_variant, split_variant
-from lancet.measure.phases import phase_metrics
+from lancet.measure.phases import phase_gaps, phase_metrics
 from lancet.measure.trace_metrics import STEP_ANNOTATION
 from lancet.runtime.executor import ExecutorConfig, ExecutorError, check_executor_device
 
@@ -94,3 +94,22 @@ def test_compile_progress_away_from_a_terminal_prints_a_few_lines_and_the_report
     assert 10 <= len(lines) <= 13  # one per tenth, the slow region, and the report
     assert any("forward region 7: 45.0 s" in line for line in lines)
     assert lines[-1] == "compile: 40 of 60 regions compiled"
+
+
+def test_phase_gaps_split_short_and_long_idle_and_name_the_longest():
+    """Forward kernels [10,20] [22,30] [28,29] [60,70]: gaps of 2 us (after kernel0) and 30 us (after kernel1,
+    which ends last though kernel2 starts later); backward kernels are not counted."""
+    events = [
+        _event(STEP_ANNOTATION, 0, 200, "user_annotation"),
+        _event("lancet/forward", 1, 20, "user_annotation"),
+        _event("lancet/backward", 30, 30, "user_annotation"),
+    ]
+    kernels = [(2, 10, 10), (3, 22, 8), (4, 28, 1), (5, 60, 10), (35, 100, 10)]  # (launch ts, start, duration)
+    for i, (launch, start, duration) in enumerate(kernels):
+        events.append(_event("cudaLaunchKernel", launch, 1, "cuda_runtime", correlation=i))
+        events.append(_event(f"kernel{i}", start, duration, "kernel", correlation=i, device=0, stream=7))
+    gaps = phase_gaps({"traceEvents": events}, "forward", small_us=10.0, top=2)
+    assert gaps["gaps"] == 2
+    assert gaps["small_gaps_ms"] == pytest.approx(0.002) and gaps["long_gaps_ms"] == pytest.approx(0.030)
+    assert gaps["longest"] == [[pytest.approx(0.030), "kernel1", "kernel3"], [pytest.approx(0.002), "kernel0", "kernel1"]]
+    assert phase_gaps({"traceEvents": events[:3]}) == {}  # no kernels: a CPU trace

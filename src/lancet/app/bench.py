@@ -183,7 +183,7 @@ def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCol
 
 def _profiled_steps(one_step, variant: str, forward_a2a: int, opts: BenchOptions, runtime) -> dict:
     """Trace ``opts.profile_steps`` more steps with torch.profiler; the summary of the trace ({} for none)."""
-    from lancet.measure.phases import phase_metrics
+    from lancet.measure.phases import phase_gaps, phase_metrics
     from lancet.measure.trace_metrics import profile_steps, summarize
 
     if opts.profile_steps <= 0:
@@ -198,7 +198,8 @@ def _profiled_steps(one_step, variant: str, forward_a2a: int, opts: BenchOptions
         device=runtime.device,
         trace_path=trace_dir / f"rank{runtime.rank}.json",
     )
-    return {**summarize(trace, forward_a2a), **phase_metrics(trace)}
+    gaps = phase_gaps(trace, "forward")
+    return {**summarize(trace, forward_a2a), **phase_metrics(trace), **({"forward_gaps": gaps} if gaps else {})}
 
 
 @dataclass(slots=True)
@@ -382,6 +383,13 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
     if run.emulate is not None:
         console.print(f"every row emulated ({run.emulate}): rank 0 of the job run alone, its collectives stand-ins that "
                       "hold the communication stream for the regime's time; tokens/s counts every rank of the job")
+    for r in rows:
+        gaps = (r.get("trace") or {}).get("forward_gaps")
+        if gaps:
+            longest = ", ".join(f"{ms:.3f} ms before {after[:40]}" for ms, _, after in gaps["longest"])
+            console.print(f"forward idle of {r['variant']}: {gaps['gaps']:.0f} gaps, {gaps['small_gaps_ms']:.2f} ms in "
+                          f"gaps under 10 us, {gaps['long_gaps_ms']:.2f} ms in longer ones; longest: {longest}",
+                          markup=False)
     for r in rows:
         if r.get("compile") and r["compile"]["compiled_regions"]:
             report = r["compile"]

@@ -35,15 +35,15 @@ def _idle_us(spans: Intervals) -> tuple[float, float]:
     return window, window - total_length(merged)
 
 
-def _phase_windows(events: list[dict], phase: str) -> list[tuple[float, float]]:
-    """(window, idle) of every marked instance of ``phase`` that launched kernels, in time order."""
+def _phase_kernels(events: list[dict], phase: str) -> list[list[dict]]:
+    """The kernels of every marked instance of ``phase`` that launched any, in time order."""
     name = PHASE_ANNOTATION.format(phase=phase)
     ranges = sorted(_span(e) for e in events if e.get("cat") == "user_annotation" and e.get("name") == name)
     if not ranges:
         return []
     launches = _launch_times(events)
     starts = [lo for lo, _ in ranges]
-    spans: list[Intervals] = [[] for _ in ranges]
+    kernels: list[list[dict]] = [[] for _ in ranges]
     for event in events:
         if event.get("cat") != "kernel":
             continue
@@ -52,8 +52,51 @@ def _phase_windows(events: list[dict], phase: str) -> list[tuple[float, float]]:
             continue
         i = bisect.bisect_right(starts, launched) - 1
         if i >= 0 and launched < ranges[i][1]:
-            spans[i].append(_span(event))
-    return [_idle_us(s) for s in spans if s]
+            kernels[i].append(event)
+    return [k for k in kernels if k]
+
+
+def _phase_windows(events: list[dict], phase: str) -> list[tuple[float, float]]:
+    """(window, idle) of every marked instance of ``phase`` that launched kernels, in time order."""
+    return [_idle_us([_span(e) for e in kernels]) for kernels in _phase_kernels(events, phase)]
+
+
+def _gaps(kernels: list[dict]) -> list[tuple[float, str, str]]:
+    """(gap us, kernel before, kernel after) for every stretch of one phase instance with no kernel running."""
+    ordered = sorted(kernels, key=lambda e: _span(e)[0])
+    gaps = []
+    end, last = _span(ordered[0])[1], ordered[0]
+    for event in ordered[1:]:
+        start, stop = _span(event)
+        if start > end:
+            gaps.append((start - end, last.get("name", "?"), event.get("name", "?")))
+        if stop > end:
+            end, last = stop, event
+    return gaps
+
+
+def phase_gaps(trace: dict, phase: str = "forward", small_us: float = 10.0, top: int = 3) -> dict:
+    """Where a phase's idle time lies ({} without a GPU trace or marks): per instance, medians over the
+    profiled steps of the number of gaps, of the idle in gaps under ``small_us`` (the device running
+    kernel after kernel, each waiting for the last) and in longer gaps (waits for the host, another
+    stream or an event); and the ``top`` longest gaps of all instances with the kernels on either side."""
+    events = _complete_events(trace)
+    if not _is_gpu_trace(events):
+        return {}
+    per_instance = [_gaps(kernels) for kernels in _phase_kernels(events, phase)]
+    if not per_instance:
+        return {}
+    longest = sorted((g for gaps in per_instance for g in gaps), reverse=True)[:top]
+
+    def median_ms(short: bool) -> float:
+        return statistics.median(sum(d for d, _, _ in gaps if (d < small_us) == short) for gaps in per_instance) / 1e3
+
+    return {
+        "gaps": statistics.median(len(gaps) for gaps in per_instance),
+        "small_gaps_ms": median_ms(True),
+        "long_gaps_ms": median_ms(False),
+        "longest": [[d / _US_PER_MS, before, after] for d, before, after in longest],
+    }
 
 
 def phase_metrics(trace: dict) -> dict[str, float]:
