@@ -116,3 +116,19 @@ def test_pass_through_options_reach_their_commands():
 def test_example_files_are_valid(path, tmp_path):
     plan = prepare(RunOptions(file=path, out=tmp_path))
     assert plan and all(ls.bench.template[0] == "bench" for ls in plan)
+
+
+def test_a_huggingface_model_line_runs_with_its_config(tmp_path):
+    text = '{"model": "hf:qwen3-moe-tiny", "variants": ["captured", "lancet"], "emulate": "4:ib100"}'
+    (steps,) = build_steps(parse_experiments(text))
+    profile, _ = steps.plan.deps
+    for step in (profile, steps.bench):
+        at = step.template.index("--hf-config")
+        assert step.template[at + 1] == "qwen3-moe-tiny" and "--model" not in step.template
+    path = tmp_path / "x.jsonl"
+    path.write_text(text + "\n")
+    prepare(RunOptions(file=path, out=tmp_path / "out"))  # the commands accept it
+    path.write_text(text.replace("qwen3-moe-tiny", "qwen9-tiny") + "\n")
+    with pytest.raises(ExperimentError) as err:
+        prepare(RunOptions(file=path, out=tmp_path / "out2"))
+    assert err.value.field == "model" and "qwen9-tiny" in str(err.value)

@@ -284,7 +284,7 @@ def _check_pass_through(name: str, value: dict | list, source: str, number: int)
 
 
 def _derived_id(fields: dict) -> str:
-    parts = [fields["model"], fields.get("gate")]
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "-", fields["model"]), fields.get("gate")]  # hf:NAME, pkg.mod:factory
     if fields.get("emulate"):
         world, _, regime = fields["emulate"].partition(":")
         parts.append(f"emu{world}-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(regime).stem)}")

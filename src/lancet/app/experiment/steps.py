@@ -31,6 +31,8 @@ from pathlib import Path
 
 from lancet.app.experiment.spec import ExperimentError, ExperimentLine
 
+HF_PREFIX = "hf:"
+"""A line's ``model`` ``hf:NAME_OR_DIR`` runs a HuggingFace config (``--hf-config``), e.g. ``hf:qwen3-moe-h200``."""
 MODEL_FIELDS = ("model", "gate", "topk", "capacity_factor", "aux_loss_coef", "num_experts", "vocab_size", "dtype",
                 "dispatch", "executor")
 OWN_FIELDS = {
@@ -216,6 +218,8 @@ class _Words:
             if value is None or value is False:
                 continue
             flag = "--" + name.replace("_", "-")
+            if name == "model" and value.startswith(HF_PREFIX):  # a HuggingFace config: known name or directory
+                flag, value = "--hf-config", value.removeprefix(HF_PREFIX)
             self.words += [flag] if value is True else [flag, _word(value)]
             self.origins[flag] = name
 
