@@ -107,44 +107,68 @@ class PhaseCall(nn.Module):
             return self.impl(args)
 
 
+_INPUT, _OUTPUT, _CONSTANT, _PHASE, _ITEM, _CALL = range(6)
+
+
 class _TopRunner:
     """Runs a program's top module node by node: each value is dropped at its last use, and a phase is
-    called with its arguments in a list it empties, after the runner has dropped its own references."""
+    called with its arguments in a list it empties, after the runner has dropped its own references.
+
+    What each node does (its phase module, the tuple item it takes, a lifted constant) and which values
+    die after it are worked out once, here; a step only follows that list.
+    """
 
     def __init__(self, top: fx.GraphModule) -> None:
-        self.top = top
-        self.nodes = list(top.graph.nodes)
+        nodes = list(top.graph.nodes)
         last_user: dict[fx.Node, fx.Node] = {}
-        for node in self.nodes:
+        for node in nodes:
             for value in node.all_input_nodes:
                 last_user[value] = node
-        self.dead_after: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+        dead_after: dict[fx.Node, list[fx.Node]] = defaultdict(list)
         for value, user in last_user.items():
-            self.dead_after[user].append(value)
+            dead_after[user].append(value)
+        self.steps = [(node, *self._action(top, node), tuple(dead_after.get(node, ()))) for node in nodes]
+
+    @staticmethod
+    def _action(top: fx.GraphModule, node: fx.Node) -> tuple[int, object]:
+        if node.op == "placeholder":
+            return _INPUT, None
+        if node.op == "output":
+            return _OUTPUT, node.args[0]
+        if node.op == "get_attr":  # a constant the trace lifted (e.g. a scalar tensor)
+            return _CONSTANT, operator.attrgetter(node.target)(top)
+        if node.op == "call_module":
+            return _PHASE, getattr(top, node.target)
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and not node.kwargs:
+            return _ITEM, node.args
+        if node.op == "call_function":
+            return _CALL, node.target
+        raise RuntimeError(f"unexpected node {node.format_node()} in a step program's top module")
 
     def __call__(self, inputs: tuple):
         env: dict[fx.Node, object] = {}
         given = iter(inputs)
-        for node in self.nodes:
-            if node.op == "placeholder":
+        for node, kind, what, dead in self.steps:
+            if kind == _ITEM:
+                source, index = what
+                env[node] = env[source][index]
+            elif kind == _INPUT:
                 env[node] = next(given)
+            elif kind == _PHASE:
+                args = list(fx.node.map_arg(node.args, env.__getitem__))  # the only references but env's
+                for value in dead:
+                    del env[value]
+                env[node] = what(args)  # the phase empties ``args``
                 continue
-            if node.op == "output":
-                return fx.node.map_arg(node.args[0], env.__getitem__)
-            if node.op == "get_attr":  # a constant the trace lifted (e.g. a scalar tensor)
-                env[node] = operator.attrgetter(node.target)(self.top)
-                continue
-            args = list(fx.node.map_arg(node.args, env.__getitem__))  # the only references but env's
-            kwargs = dict(fx.node.map_arg(node.kwargs, env.__getitem__))
-            for value in self.dead_after[node]:
-                del env[value]
-            if node.op == "call_module":
-                env[node] = getattr(self.top, node.target)(args)  # the phase empties ``args``
-            elif node.op == "call_function":
-                env[node] = node.target(*args, **kwargs)
+            elif kind == _CONSTANT:
+                env[node] = what
+            elif kind == _CALL:
+                env[node] = what(*fx.node.map_arg(node.args, env.__getitem__),
+                                 **fx.node.map_arg(node.kwargs, env.__getitem__))
             else:
-                raise RuntimeError(f"unexpected node {node.format_node()} in a step program's top module")
-            del args, kwargs
+                return fx.node.map_arg(what, env.__getitem__)
+            for value in dead:
+                del env[value]
         raise RuntimeError("a step program's top module has no output")
 
 
