@@ -283,11 +283,15 @@ def _check_pass_through(name: str, value: dict | list, source: str, number: int)
             raise ExperimentError(source, number, name, f"option {key!r}: a string, number, boolean or list")
 
 
+def _id_safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+
+
 def _derived_id(fields: dict) -> str:
-    parts = [re.sub(r"[^A-Za-z0-9._-]+", "-", fields["model"]), fields.get("gate")]  # hf:NAME, pkg.mod:factory
+    parts = [_id_safe(fields["model"]), fields.get("gate")]  # hf:NAME, pkg.mod:factory
     if fields.get("emulate"):
         world, _, regime = fields["emulate"].partition(":")
-        parts.append(f"emu{world}-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(regime).stem)}")
+        parts.append(f"emu{world}-{_id_safe(Path(regime).stem)}")
     else:
         parts.append(fields.get("network"))
     parts += [fields.get("framework"), fields.get("dispatch"), fields.get("executor")]
