@@ -38,7 +38,7 @@ from lancet.cost.profile import ComputeProfile, profile_graph
 from lancet.graph.analysis import analyze
 from lancet.graph.expert_grads import expert_gradient_layers
 from lancet.plan.artifact import RunIdentity, device_description
-from lancet.plan.optimize import optimize_step
+from lancet.plan.optimize import PlanOptions, optimize_step
 from lancet.plan.plan import Plan, build_step_graph
 from lancet.runtime.executor import make_executor
 from lancet.step.train_step import DEFAULT_BUCKET_BYTES, StepResult, TrainStep, expert_parameter_names
@@ -201,9 +201,9 @@ def optimize(step: Step, batch: Batch, profile: ComputeProfile, comm: CommProfil
     range search, ``plan.variants[...].predicted`` the simulated steps.
     """
     train_step = step.train_step(batch)
-    result = optimize_step(train_step, *batch, profile, comm, _identity(step, batch), schedule_dw=dw,
-                           partition=partition, max_partitions=max_partitions, memory_cap_bytes=memory_cap_bytes,
-                           progress=False)
+    options = PlanOptions(schedule_dw=dw, partition=partition, max_partitions=max_partitions,
+                          memory_cap_bytes=memory_cap_bytes, progress=False)
+    result = optimize_step(train_step, *batch, profile, comm, _identity(step, batch), options)
     return result.plan
 
 

@@ -242,7 +242,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lancet.app.profile_job import step_for_profile
-    from lancet.plan.optimize import optimize, print_prediction
+    from lancet.plan.optimize import PlanOptions, optimize, print_prediction
 
     checked_outputs((args.out, "--out"), folders=((args.trace_dir, "--trace-dir"),))
     if args.log_passes:
@@ -250,16 +250,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     try:
         if args.max_partitions < 2:
             raise UsageError("--max-partitions must be >= 2")
-        result = optimize(
-            args.profile,
-            args.comm,
-            schedule_dw=not args.no_dw,
-            partition=not args.no_partition,
-            max_partitions=args.max_partitions,
-            memory_cap_bytes=args.memory_cap,
-            trace_dir=args.trace_dir,
-            build_step=step_for_profile,
-        )
+        options = PlanOptions(schedule_dw=not args.no_dw, partition=not args.no_partition,
+                              max_partitions=args.max_partitions, memory_cap_bytes=args.memory_cap,
+                              trace_dir=args.trace_dir)
+        result = optimize(args.profile, args.comm, options, build_step=step_for_profile)
     except (ValueError, FileNotFoundError) as err:  # ArtifactError is a ValueError
         raise UsageError(str(err)) from None
     result.plan.write(args.out)

@@ -93,16 +93,25 @@ def profile_for_network(profile_doc: dict, comm_network: str) -> ComputeProfile:
     return profile
 
 
+@dataclass(frozen=True, slots=True)
+class PlanOptions:
+    """What the planner may try, and what it shows."""
+
+    schedule_dw: bool = True
+    partition: bool = True
+    max_partitions: int = 8
+    memory_cap_bytes: int | None = None
+    """Cap on the extra bytes the dW moves may hold alive (None: no cap)."""
+    trace_dir: str | None = None
+    """Where the predicted timelines go as Chrome traces (None: nowhere)."""
+    progress: bool = True
+
+
 def optimize(
     profile_path: str,
     comm_path: str,
+    options: PlanOptions = PlanOptions(),
     *,
-    schedule_dw: bool = True,
-    partition: bool = True,
-    max_partitions: int = 8,
-    memory_cap_bytes: int | None = None,
-    trace_dir: str | None = None,
-    progress: bool = True,
     build_step: Callable[[dict], tuple[TrainStep, torch.Tensor, torch.Tensor]],
 ) -> OptimizeResult:
     """Plan from a profile and a comm profile; ``build_step(profile_document)`` rebuilds the profiled step
@@ -112,10 +121,7 @@ def optimize(
     identity = replace(profile_identity, network=comm_identity.network)
     with fake_process_group(profile_identity.world_size):
         step, tokens, targets = build_step(profile_doc)
-        return optimize_step(
-            step, tokens, targets, profile, comm, identity, schedule_dw=schedule_dw, partition=partition,
-            max_partitions=max_partitions, memory_cap_bytes=memory_cap_bytes, trace_dir=trace_dir, progress=progress,
-        )
+        return optimize_step(step, tokens, targets, profile, comm, identity, options)
 
 
 def optimize_step(
@@ -125,16 +131,11 @@ def optimize_step(
     profile: ComputeProfile,
     comm: CommProfile,
     identity: RunIdentity,
-    *,
-    schedule_dw: bool = True,
-    partition: bool = True,
-    max_partitions: int = 8,
-    memory_cap_bytes: int | None = None,
-    trace_dir: str | None = None,
-    progress: bool = True,
+    options: PlanOptions = PlanOptions(),
 ) -> OptimizeResult:
     """Plan for ``step`` (on whatever process group it holds; tracing communicates nothing) from a profile of
     its captured graph and a comm profile; ``identity`` is the run the plan is for."""
+    schedule_dw, partition, memory_cap_bytes = options.schedule_dw, options.partition, options.memory_cap_bytes
     model_host = identity.device.startswith("cuda")
     measured = _for_executor(ProfiledCostModel(profile=profile, comm=comm, model_host=model_host), profile)
     timelines: dict[str, Timeline] = {}
@@ -159,7 +160,7 @@ def optimize_step(
         identity=identity,
         fingerprint=fingerprint,
         predicted=timelines["captured"].summary(),
-        options={"dw": schedule_dw, "partition": partition, "max_partitions": max_partitions,
+        options={"dw": schedule_dw, "partition": partition, "max_partitions": options.max_partitions,
                  "memory_cap_bytes": memory_cap_bytes,
                  "executor": profile.executor.kind if profile.executor is not None else "interpret"},
     )
@@ -168,13 +169,12 @@ def optimize_step(
         predicted=order.timeline.summary(), chosen=order.name,
     )
     timelines["lancet-dw"] = order.timeline
-    _partition_variants(plan, step, tokens, targets, derived, timelines, partition, schedule_dw,
-                        max_partitions, memory_cap_bytes, progress, unpartitioned_ms)
+    _partition_variants(plan, step, tokens, targets, derived, timelines, options, unpartitioned_ms)
     _add_optimizer(plan, timelines, profile.optimizer_ms)
-    if trace_dir is not None:
-        Path(trace_dir).mkdir(parents=True, exist_ok=True)
+    if options.trace_dir is not None:
+        Path(options.trace_dir).mkdir(parents=True, exist_ok=True)
         for name, timeline in timelines.items():
-            timeline.write_chrome_trace(str(Path(trace_dir) / f"predicted_{name}.json"))
+            timeline.write_chrome_trace(str(Path(options.trace_dir) / f"predicted_{name}.json"))
     scale = host_scale(profile, comm, captured.graph) if model_host else 1.0
     return OptimizeResult(plan=plan, unpriced=list(measured.unpriced), timelines=timelines,
                           issue_ms=profile.issue_ms if model_host else 0.0, host_scale=scale)
@@ -198,8 +198,8 @@ def _add_optimizer(plan: Plan, timelines: dict[str, Timeline], optimizer_ms: flo
 
 
 def _partition_variants(
-    plan: Plan, step, tokens, targets, derived: DerivedCostModel, timelines: dict, partition: bool,
-    schedule_dw: bool, max_partitions: int, memory_cap_bytes, progress: bool, unpartitioned_ms: dict[str, float],
+    plan: Plan, step, tokens, targets, derived: DerivedCostModel, timelines: dict, options: PlanOptions,
+    unpartitioned_ms: dict[str, float],
 ) -> None:
     """Fill ``lancet-part`` and ``lancet``: the range search, then the order passes on the partitioned step."""
     forward = capture_forward(step, tokens, targets)
@@ -207,11 +207,12 @@ def _partition_variants(
     plan.drop_semantics = drop_semantics(forward.graph)
     fallback = plan.variants["lancet-dw"]
     unpartitioned = VariantPlan(step_fingerprint=plan.fingerprint, predicted=plan.predicted, chosen="none")
-    if not partition:
+    if not options.partition:
         plan.variants["lancet-part"], plan.variants["lancet"] = unpartitioned, fallback
         return
-    bar = tqdm(desc="range search", disable=None if progress else True, unit="candidate")  # None: off unless a terminal
-    selection = select_partitions(forward, derived.costs, tokens.shape[0], max_parts=max_partitions,
+    # disable=None: off unless on a terminal
+    bar = tqdm(desc="range search", disable=None if options.progress else True, unit="candidate")
+    selection = select_partitions(forward, derived.costs, tokens.shape[0], max_parts=options.max_partitions,
                                   progress=lambda: bar.update(1))
     bar.close()
     plan.selection = selection.to_json()
@@ -223,7 +224,7 @@ def _partition_variants(
     step_fingerprint = graph_fingerprint(graph.graph)
     costs = derived.costs(graph.graph)
     partitioned = simulate(graph.graph, costs)
-    order, _ = choose_order(graph, costs, schedule_dw=schedule_dw, memory_cap_bytes=memory_cap_bytes)
+    order, _ = choose_order(graph, costs, schedule_dw=options.schedule_dw, memory_cap_bytes=options.memory_cap_bytes)
     # Whole steps compared under the same (derived) pricing: the forward-only search may overrate a partition.
     captured_ms, ordered_ms = unpartitioned_ms["captured"], unpartitioned_ms["lancet-dw"]
     plan.selection["whole_step_ms"] = {
