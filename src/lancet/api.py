@@ -41,7 +41,13 @@ from lancet.plan.artifact import RunIdentity, device_description
 from lancet.plan.optimize import PlanOptions, optimize_step
 from lancet.plan.plan import Plan, build_step_graph
 from lancet.runtime.executor import make_executor
-from lancet.step.train_step import DEFAULT_BUCKET_BYTES, StepResult, TrainStep, expert_parameter_names
+from lancet.step.train_step import (
+    DEFAULT_BUCKET_BYTES,
+    StepResult,
+    TrainStep,
+    apply_gradients,
+    expert_parameter_names,
+)
 
 Batch = Sequence[torch.Tensor]
 _SHOWN = 8
@@ -161,10 +167,7 @@ class Step:
 
     def apply(self, result: StepResult) -> None:
         """Hand the gradients to the optimizer, step it and clear them."""
-        for param, grad in zip(self.params, result.grads):
-            param.grad = grad
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_gradients(self.optimizer, self.params, result.grads)
 
 
 def capture_step(step: Step, batch: Batch) -> TrainGraph:
@@ -223,6 +226,7 @@ class Runner:
         self.variant = variant
         self.executor = executor
         self._run = None
+        self._params: list[torch.Tensor] = []
 
     def _build(self, batch: Batch):
         train_step = self.owner.train_step(batch)
@@ -238,10 +242,11 @@ class Runner:
         """Loss, gradients (parameter order) and keep masks of one step; the parameters are not updated."""
         if self._run is None:
             self._run = self._build(batch)
-        return self._run(self.owner.params, *batch)
+            self._params = self.owner.params  # listed once: the step's tensors, updated in place
+        return self._run(self._params, *batch)
 
     def step(self, batch: Batch) -> torch.Tensor:
         """One training step: run, then the optimizer update; returns this rank's loss."""
         result = self(batch)
-        self.owner.apply(result)
+        apply_gradients(self.owner.optimizer, self._params, result.grads)
         return result.loss

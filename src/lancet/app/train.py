@@ -32,7 +32,7 @@ from lancet.app.report import StepProgress, console_for, header_line, stage, ste
 from lancet.app.stop import StopRequest, StoppedOnRequest
 from lancet.runtime.dist import Runtime, rank_runtime
 from lancet.models import GPT2MoEConfig
-from lancet.step.train_step import StepResult, TrainStep
+from lancet.step.train_step import StepResult, TrainStep, apply_gradients
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -54,10 +54,7 @@ class Session:
         return tokens.to(self.runtime.device), targets.to(self.runtime.device)
 
     def apply(self, result: StepResult) -> None:
-        for param, grad in zip(self.params, result.grads):
-            param.grad = grad
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_gradients(self.optimizer, self.params, result.grads)
 
 
 def make_optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:

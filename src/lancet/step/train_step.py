@@ -178,3 +178,11 @@ class TrainStep:
             if self.group is not None and self.world_size > 1:
                 grads = allreduce_buckets(grads, self.buckets, self.group)
         return StepResult(loss=loss.detach(), grads=grads, keep=keep)
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, params: list[Tensor], grads: list[Tensor]) -> None:
+    """Hand ``grads`` to ``params`` (same order), step ``optimizer`` and clear them."""
+    for param, grad in zip(params, grads):
+        param.grad = grad
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
