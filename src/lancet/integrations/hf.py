@@ -44,9 +44,9 @@ from torch import Tensor, nn
 
 from lancet.models import ModelOutput, lm_loss
 from lancet.moe import GateConfig, MoELayer
-from lancet.moe.layer import MoEOutput
 from lancet.moe.dispatch import group_size
 from lancet.moe.experts import ACTIVATIONS, GroupedGatedExperts, SharedExpert
+from lancet.moe.layer import MoEOutput
 from lancet.step.train_step import is_tracing
 
 
