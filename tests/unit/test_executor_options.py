@@ -113,3 +113,33 @@ def test_phase_gaps_split_short_and_long_idle_and_name_the_longest():
     assert gaps["small_gaps_ms"] == pytest.approx(0.002) and gaps["long_gaps_ms"] == pytest.approx(0.030)
     assert gaps["longest"] == [[pytest.approx(0.030), "kernel1", "kernel3"], [pytest.approx(0.002), "kernel0", "kernel1"]]
     assert phase_gaps({"traceEvents": events[:3]}) == {}  # no kernels: a CPU trace
+
+
+def test_phase_picture_sets_each_traces_last_forward_side_by_side(tmp_path, capsys):
+    """Two bench-like traces: the picture starts each forward at its first kernel and names the variant."""
+    from lancet.measure.phase_picture import phase_spans
+
+    events = [
+        _event(STEP_ANNOTATION, 0, 200, "user_annotation"),
+        _event("lancet/forward", 1, 20, "user_annotation"),
+        _event("lancet/backward", 30, 30, "user_annotation"),
+    ]
+    kernels = [(2, 10, 10, "gemm"), (3, 25, 15, "ncclDevKernel_SendRecv"), (35, 50, 10, "gemm")]
+    for i, (launch, start, duration, name) in enumerate(kernels):
+        events.append(_event("cudaLaunchKernel", launch, 1, "cuda_runtime", correlation=i))
+        events.append(_event(name, start, duration, "kernel", correlation=i, device=0, stream=7))
+    trace = {"traceEvents": events}
+    assert phase_spans(trace, "forward") == [("compute", 0.0, 0.010), ("all-to-all", 0.015, 0.030)]
+    paths = []
+    for variant in ("captured_cudagraph", "captured_interpret"):
+        (tmp_path / variant).mkdir()
+        paths += ["--trace", str(tmp_path / variant / "rank0.json")]
+        (tmp_path / variant / "rank0.json").write_text(__import__("json").dumps(trace))
+    out = tmp_path / "forward.png"
+    assert cli.main(["timeline", *paths, "--phase", "forward", "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert cli.main(["timeline", *paths, "--out", str(out)]) == 2
+    assert "add --phase forward" in capsys.readouterr().err
+    (tmp_path / "cpu.json").write_text(__import__("json").dumps({"traceEvents": events[:3]}))
+    assert cli.main(["timeline", "--trace", str(tmp_path / "cpu.json"), "--phase", "forward", "--out", str(out)]) == 2
+    assert "cpu.json: the trace has no GPU kernels launched inside a lancet/forward range" in capsys.readouterr().err

@@ -296,11 +296,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_timeline(args: argparse.Namespace) -> int:
-    from lancet.measure.timeline import TraceError, render
+    from lancet.measure.timeline import TraceError, render, render_phase
 
     checked_outputs((args.out, "--out"))
+    if len(args.trace) > 1 and not args.phase:
+        raise UsageError("several --trace draw one phase of each side by side: add --phase forward (or backward)")
     try:
-        render(args.trace, args.out, args.step)
+        if args.phase:
+            render_phase(args.trace, args.out, args.phase)
+        else:
+            render(args.trace[0], args.out, args.step)
     except (FileNotFoundError, IndexError, TraceError) as err:
         raise UsageError(str(err)) from None
     print(f"timeline -> {args.out}")
@@ -388,8 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --emulate: bench JSON of a real run of the same configuration, printed alongside")
     bench.set_defaults(func=cmd_bench)
 
-    timeline = sub.add_parser("timeline", help="PNG of one step of a profiler trace or a predicted trace")
-    timeline.add_argument("--trace", required=True, help="Chrome trace (.json or .json.gz)")
+    timeline = sub.add_parser("timeline", help="PNG of one step of a profiler trace or a predicted trace, "
+                                                 "or of one phase of several traces")
+    timeline.add_argument("--trace", required=True, action="append",
+                          help="Chrome trace (.json or .json.gz); repeat it with --phase to set traces side by side")
+    timeline.add_argument("--phase", choices=("forward", "backward"),
+                          help="draw only this phase of the last profiled step of each trace, on one time axis")
     timeline.add_argument("--out", required=True, help="PNG to write")
     timeline.add_argument("--step", type=int, default=0, help="profiled step to draw (measured traces)")
     timeline.set_defaults(func=cmd_timeline)

@@ -1,9 +1,11 @@
-"""``lancet timeline``: a PNG of one step from a profiler trace or a predicted (simulator) trace."""
+"""``lancet timeline``: a PNG of one step from a profiler trace or a predicted (simulator) trace, or of one phase
+(forward, backward) of several measured traces side by side."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from lancet.measure.phase_picture import NoPhaseError, plot_phases
 from lancet.measure.trace_metrics import load_trace, plot_timeline
 
 
@@ -44,8 +46,8 @@ class TraceError(ValueError):
     """The file is not a Chrome trace this tool can draw."""
 
 
-def render(trace_path: str, out_path: str, step: int = 0) -> None:
-    """Draw ``step`` of a measured trace, or a predicted trace, to ``out_path``; TraceError for anything else."""
+def _load(trace_path: str) -> dict:
+    """A Chrome trace from ``trace_path``; FileNotFoundError or TraceError with the reason otherwise."""
     try:
         trace = load_trace(trace_path)
     except FileNotFoundError:
@@ -54,6 +56,12 @@ def render(trace_path: str, out_path: str, step: int = 0) -> None:
         raise TraceError(f"{trace_path} is not a readable Chrome trace ({type(err).__name__}: {err})") from None
     if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
         raise TraceError(f"{trace_path} is not a Chrome trace (no traceEvents list)")
+    return trace
+
+
+def render(trace_path: str, out_path: str, step: int = 0) -> None:
+    """Draw ``step`` of a measured trace, or a predicted trace, to ``out_path``; TraceError for anything else."""
+    trace = _load(trace_path)
     try:
         if is_predicted(trace):
             plot_predicted(trace, out_path)
@@ -61,3 +69,18 @@ def render(trace_path: str, out_path: str, step: int = 0) -> None:
             plot_timeline(trace, step, out_path)
     except (KeyError, TypeError, AttributeError) as err:
         raise TraceError(f"{trace_path} is not a Chrome trace this tool can draw (missing {err})") from None
+
+
+def trace_label(trace_path: str) -> str:
+    """A bench trace's variant (its folder's name, ``<trace-dir>/<variant>/rank0.json``), else the file's name."""
+    path = Path(trace_path)
+    return path.parent.name if path.name.startswith("rank") and path.parent.name else path.name
+
+
+def render_phase(trace_paths: list[str], out_path: str, phase: str) -> None:
+    """Draw ``phase`` of each measured trace, one row per trace on one time axis; TraceError for a trace without it."""
+    traces = [(trace_label(path), _load(path)) for path in trace_paths]
+    try:
+        plot_phases(traces, phase, out_path)
+    except NoPhaseError as err:
+        raise TraceError(f"{err} (a GPU trace of a lancet step is needed)") from None

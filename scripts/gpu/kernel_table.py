@@ -1,0 +1,73 @@
+"""Where GPU time goes per bench variant: kernel time by kernel family, per profiled step, from bench traces.
+
+    python3 scripts/gpu/kernel_table.py TRACE_DIR [REFERENCE_VARIANT] [TOP]
+
+TRACE_DIR is a bench's --trace-dir (one folder per variant, rank0.json in each). Prints, per variant, the
+kernels per step and the GPU time per step; then the TOP kernel families whose time per step differs most
+from the reference variant's (default captured_cudagraph), and the phase gaps of each variant.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+from lancet.measure.phases import phase_gaps
+from lancet.measure.trace_metrics import _complete_events, _steps, load_trace
+
+_NOISE = re.compile(r"<.*>|\(.*\)|_\d+$|_[0-9a-f]{6,}")
+
+
+def family(name: str) -> str:
+    """A kernel name without template arguments, signatures and Inductor's numbered suffixes, cut to 60."""
+    stem = _NOISE.sub("", name)
+    stem = re.sub(r"(triton_\w+?_fused)_.*", r"\1", stem)
+    return stem[:60]
+
+
+def per_step(trace_path: Path) -> tuple[Counter, Counter, int]:
+    """(us per step by family, kernels per step by family, steps) of one trace."""
+    trace = load_trace(trace_path)
+    steps = max(1, len(_steps(trace)))
+    time, count = Counter(), Counter()
+    for event in _complete_events(trace):
+        if event.get("cat") != "kernel":
+            continue
+        key = family(event.get("name", "?"))
+        time[key] += float(event.get("dur", 0.0)) / steps
+        count[key] += 1 / steps
+    return time, count, steps
+
+
+def main() -> None:
+    root = Path(sys.argv[1])
+    reference = sys.argv[2] if len(sys.argv) > 2 else "captured_cudagraph"
+    top = int(sys.argv[3]) if len(sys.argv) > 3 else 15
+    variants = {p.parent.name: p for p in sorted(root.glob("*/rank0.json"))}
+    tables = {name: per_step(path) for name, path in variants.items()}
+    print("| variant | steps | kernels/step | kernel ms/step |")
+    print("|---|---|---|---|")
+    for name, (time, count, steps) in tables.items():
+        print(f"| {name} | {steps} | {sum(count.values()):.0f} | {sum(time.values()) / 1e3:.2f} |")
+    if reference not in tables:
+        return
+    ref_time, ref_count, _ = tables[reference]
+    for name, (time, count, _) in tables.items():
+        if name == reference:
+            continue
+        diffs = sorted(set(time) | set(ref_time), key=lambda k: -abs(time[k] - ref_time[k]))[:top]
+        print(f"\n{name} - {reference}: kernel families by |difference| in ms per step")
+        print("| family | ms | ref ms | diff | n | ref n |")
+        print("|---|---|---|---|---|---|")
+        for key in diffs:
+            print(f"| {key} | {time[key] / 1e3:.3f} | {ref_time[key] / 1e3:.3f} | "
+                  f"{(time[key] - ref_time[key]) / 1e3:+.3f} | {count[key]:.0f} | {ref_count[key]:.0f} |")
+    for name, path in variants.items():
+        for phase in ("forward", "backward"):
+            print(f"gaps {name} {phase}: {phase_gaps(load_trace(path), phase, top=5)}")
+
+
+if __name__ == "__main__":
+    main()
