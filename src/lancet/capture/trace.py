@@ -28,6 +28,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lancet.step.output_tree import OutputTree, flatten_output
 from lancet.step.train_step import TrainStep
 from lancet.graph import meta
 
@@ -217,15 +218,18 @@ def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: tor
 
 @dataclass(slots=True)
 class ForwardGraph:
-    """The forward of a step: inputs are the parameters, tokens, targets; outputs loss then keep masks.
+    """The forward of a step: inputs are the parameters, tokens, targets; outputs the model output's tensors.
 
-    Nodes keep the trace's ``val`` (fake tensors) and annotations, which the
-    partition pass reads.
+    ``output`` rebuilds the model's output from the graph's outputs; the step's loss function then
+    runs on it (``TrainStep.with_forward_graph``), so the loss is not part of this graph. Nodes keep
+    the trace's ``val`` (fake tensors) and annotations, which the partition pass reads.
     """
 
     gm: fx.GraphModule
     param_names: list[str]
     batch_shape: tuple[int, ...]
+    output: OutputTree | None = None
+    """How the graph's outputs make the model's output (None: a graph built by hand, which cannot run a step)."""
 
     @property
     def graph(self) -> fx.Graph:
@@ -233,17 +237,21 @@ class ForwardGraph:
 
 
 def capture_forward(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> ForwardGraph:
-    """Trace only the forward and loss of ``train_step`` (autocast applied inside the graph)."""
+    """Trace only the model of ``train_step``, up to its output (autocast applied inside the graph)."""
     params = train_step.parameters()
     num_params = len(params)
+    trees: list[OutputTree] = []
 
     def flat_forward(*inputs: torch.Tensor):
         with fx_traceback.annotate({meta.PHASE: meta.FORWARD}):
-            loss, keep = train_step.forward_loss(list(inputs[:num_params]), inputs[num_params], inputs[num_params + 1])
-        return (loss, *keep)
+            out = train_step.model_output(list(inputs[:num_params]), inputs[num_params])
+        tensors, tree = flatten_output(out)
+        trees.append(tree)
+        return tuple(tensors)
 
     gm = _trace(flat_forward, [*params, tokens_BS, targets_BS], train_step.model)
-    return ForwardGraph(gm=gm, param_names=list(train_step.param_names), batch_shape=tuple(tokens_BS.shape))
+    return ForwardGraph(gm=gm, param_names=list(train_step.param_names), batch_shape=tuple(tokens_BS.shape),
+                        output=trees[-1])
 
 
 def capture_step_from_forward(
@@ -253,4 +261,7 @@ def capture_step_from_forward(
 
     Annotations of the forward graph's nodes carry over to the nodes they become.
     """
-    return capture_step(train_step.with_forward_graph(forward_graph.gm), tokens_BS, targets_BS)
+    if forward_graph.output is None:
+        raise ValueError("this forward graph does not say how its outputs make the model's output "
+                         "(make it with capture_forward)")
+    return capture_step(train_step.with_forward_graph(forward_graph.gm, forward_graph.output), tokens_BS, targets_BS)

@@ -31,6 +31,7 @@ import torch.fx.traceback as fx_traceback
 from torch import Tensor, fx, nn
 from torch.func import functional_call
 
+from lancet.step.output_tree import OutputTree
 from lancet.moe.experts import GroupedExperts
 from lancet.graph import meta
 
@@ -140,6 +141,7 @@ class TrainStep:
         sizes = [named[i][1].numel() * named[i][1].element_size() for i in self.dense_indices]
         self.buckets = [[self.dense_indices[j] for j in b] for b in plan_buckets(sizes, bucket_bytes)]
         self.forward_graph: fx.GraphModule | None = None
+        self.forward_output: OutputTree | None = None
 
     def parameters(self) -> list[Tensor]:
         return [p for _, p in self.model.named_parameters()]
@@ -149,24 +151,32 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
-    def forward_loss(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Loss and keep masks. Runs the model, or the forward graph when one is set (``with_forward_graph``)."""
-        if self.forward_graph is not None:
-            outputs = fx.Interpreter(self.forward_graph).run(*params, tokens_BS, targets_BS)
-            return outputs[0], list(outputs[1:])
+    def model_output(self, params: list[Tensor], tokens_BS: Tensor):
+        """The model's output on ``tokens_BS`` with ``params`` (under the step's autocast)."""
         state = dict(zip(self.param_names, params))
         with self._autocast(tokens_BS.device.type):
-            out = functional_call(self.model, state, (tokens_BS,))
+            return functional_call(self.model, state, (tokens_BS,))
+
+    def forward_loss(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Loss and keep masks. Runs the model, or the forward graph when one is set (``with_forward_graph``)."""
+        if self.forward_graph is None:
+            out = self.model_output(params, tokens_BS)
+        else:
+            tensors = fx.Interpreter(self.forward_graph).run(*params, tokens_BS, targets_BS)
+            out = self.forward_output.rebuild(list(tensors))
+        with self._autocast(tokens_BS.device.type):
             return self.loss_fn(out, targets_BS), list(getattr(out, "keep", ()))
 
-    def with_forward_graph(self, forward_graph: fx.GraphModule) -> TrainStep:
-        """The same step with its forward replaced by ``forward_graph`` (params, tokens, targets -> loss, *keep).
+    def with_forward_graph(self, forward_graph: fx.GraphModule, output: OutputTree) -> TrainStep:
+        """The same step with its model replaced by ``forward_graph`` ((params, tokens, targets) -> the
+        output's tensors, which ``output`` rebuilds into the model's output for the loss function).
 
         Autograd differentiates the graph's ops, so a rewritten forward gets the
-        matching backward.
+        matching backward; the loss function runs as it does on the model, with its own backward.
         """
         step = copy.copy(self)
         step.forward_graph = forward_graph
+        step.forward_output = output
         return step
 
     def __call__(self, params: list[Tensor], tokens_BS: Tensor, targets_BS: Tensor) -> StepResult:

@@ -46,6 +46,7 @@ Pseudo-code
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
 from dataclasses import dataclass, field
@@ -456,7 +457,7 @@ def partition_rewrite_pass(
         _Rewriter(gm.graph, region, axes, index).run()
         stages = [stage for stage in stages if not set(stage) & set(nodes)]  # rewritten: copies carry marks
         done.append(spec)
-    partitioned = ForwardGraph(gm=gm, param_names=list(forward.param_names), batch_shape=forward.batch_shape)
+    partitioned = dataclasses.replace(forward, gm=gm, param_names=list(forward.param_names))
     return PassResult(partitioned, PartitionDecisions(done))
 
 
