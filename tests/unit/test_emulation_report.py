@@ -29,6 +29,13 @@ def test_plan_against_the_best_tutel_degree():
     assert summary["best_tutel"] == "tutel-d2" and summary["lancet_vs_best_tutel"] == 140.0 / 120.0
     line = summary_markdown([_document()]).splitlines()[-1]
     assert "| ib100 (emulated) |" in line and "| 1.167 |" in line and "132.0 (+10.0%)" in line
+    assert line.startswith("| gpt2_moe_nl12_m768_nh16_sl512_b48 | 8 |")
+
+
+def test_a_huggingface_bench_is_named_by_its_config():
+    document = _document()
+    document["run"]["spec"] = {"model": "cpu_small", "hf_config": "qwen3-moe-h200"}  # the spec's default model name
+    assert plan_vs_tutel(document)["model"] == "hf:qwen3-moe-h200"
 
 
 def test_run_3_is_printed_beside_an_emulated_bench():

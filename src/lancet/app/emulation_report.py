@@ -26,9 +26,16 @@ class MeasuredMismatch(ValueError):
     """A measured bench file is not of the emulated configuration."""
 
 
+def _model_name(spec: dict) -> str:
+    """The bench's model as the command line names it: ``hf:NAME`` for ``--hf-config NAME``."""
+    if spec.get("hf_config"):
+        return f"hf:{spec['hf_config']}"
+    return spec["model"] if ":" in spec["model"] else model_config(spec["model"]).name
+
+
 def _configuration(run: dict) -> dict:
     spec = run["spec"]
-    return {"model": model_config(spec["model"]).name, "gate": spec["gate"], "topk": spec.get("topk"),
+    return {"model": _model_name(spec), "gate": spec["gate"], "topk": spec.get("topk"),
             "capacity_factor": spec.get("capacity_factor"), "num_experts": spec.get("num_experts"),
             "vocab_size": spec.get("vocab_size"), "dtype": run["dtype"]}
 
@@ -97,7 +104,7 @@ def plan_vs_tutel(document: dict) -> dict | None:
     predicted = (lancet.get("predicted") or {}).get("makespan_ms")
     emulated = document.get("emulated") or {}
     return {
-        "model": document["run"]["spec"]["model"],
+        "model": _model_name(document["run"]["spec"]),
         "world_size": document["world_size"],
         "regime": emulated.get("regime") or document["run"].get("network") or "native",
         "emulated": bool(emulated),

@@ -2,7 +2,7 @@
 
 Each trace gets two lanes, compute and communication, holding the kernels of the last profiled
 instance of the phase (kernels belong to a phase as ``lancet.measure.phases`` assigns them), x in
-ms from the phase's first kernel. White space in a lane is time in which no kernel of that lane ran;
+ms from the phase's first kernel (bars at least 1/800 of the axis wide). White space in a lane is time in which no kernel of that lane ran;
 each row's label gives the phase's GPU window and its idle share.
 """
 
@@ -15,6 +15,8 @@ from lancet.measure.trace_metrics import A2A, ALLREDUCE, COMPUTE, OTHER_COMM, _c
 
 _COLOURS = {COMPUTE: "tab:blue", A2A: "tab:red", ALLREDUCE: "tab:green", OTHER_COMM: "tab:gray"}
 _US_PER_MS = 1e3
+_MIN_BAR_SHARE = 800
+"""Bars are at least 1/800 of the axis wide, so that short kernels (a one-rank all-to-all) still show."""
 
 
 class NoPhaseError(ValueError):
@@ -44,13 +46,14 @@ def plot_phases(traces: list[tuple[str, dict]], phase: str, path: str | Path) ->
             rows.append((label, phase_spans(trace, phase)))
         except NoPhaseError as err:
             raise NoPhaseError(f"{label}: {err}") from None
+    end = max(e for _, spans in rows for _, _, e in spans)
     fig, ax = plt.subplots(figsize=(12, 1.2 + 1.1 * len(rows)))
     ticks, labels, seen = [], [], set()
     for i, (label, spans) in enumerate(reversed(rows)):
         base = 30 * i
         window, idle = _idle_us([(s, e) for _, s, e in spans])
         for kind, colour in _COLOURS.items():
-            bars = [(s, e - s) for k, s, e in spans if k == kind]
+            bars = [(s, max(e - s, end / _MIN_BAR_SHARE)) for k, s, e in spans if k == kind]
             if bars:
                 lane = (base + 12, 10) if kind == COMPUTE else (base, 10)
                 ax.broken_barh(bars, lane, facecolors=colour, label=None if kind in seen else kind)
@@ -59,7 +62,7 @@ def plot_phases(traces: list[tuple[str, dict]], phase: str, path: str | Path) ->
         idle_share = 100 * idle / window if window else 0.0
         labels += ["comm", f"{label}\n{window:.2f} ms, idle {idle:.2f} ({idle_share:.1f}%)"]
     ax.set_yticks(ticks, labels=labels, fontsize="small")
-    ax.set_xlim(0, max(e for _, spans in rows for _, _, e in spans))
+    ax.set_xlim(0, end)
     ax.set_xlabel(f"ms from the {phase}'s first kernel")
     ax.set_title(f"{phase}: kernels of the last profiled step (white: no kernel running in that lane)")
     ax.legend(loc="upper right", fontsize="small", ncols=len(_COLOURS))
