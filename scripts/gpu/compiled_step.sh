@@ -3,7 +3,7 @@
 #
 #   GATE=switch bash scripts/gpu/compiled_step.sh      # MODEL, GATE, STEPS, BENCH_S, RAGGED=1 (also today's ragged step)
 #
-# Logs and JSON under $OUT; Inductor's cache in .cache/inductor, packed into $OUT/inductor.tgz so a later call
+# Logs, JSON, kernel time by family (kernels_TAG.md) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor, packed into $OUT/inductor.tgz so a later call
 # can carry it back (compile then hits the cache).
 source scripts/gpu/env.sh
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
@@ -31,6 +31,15 @@ if [ "${RAGGED:-0}" = 1 ]; then
     TAIL=12 run "bench_${TAG}_ragged" 100 $LANCET bench --model "$M" --gate "$G" --dispatch ragged --dtype bf16 \
         --nproc 1 --steps "${STEPS:-10}" --warmup 3 --profile-steps 1 --variants captured:interpret \
         --json "$OUT/bench_${TAG}_ragged.json" --trace-dir /tmp/traces_ragged
+fi
+python3 scripts/gpu/kernel_table.py "/tmp/traces_$TAG" captured_cudagraph 14 > "$OUT/kernels_$TAG.md" 2>&1
+if [ "${RAGGED:-0}" = 1 ]; then  # the forward and backward of today's step beside the compiled ones
+    for phase in forward backward; do
+        $LANCET timeline --phase $phase --trace /tmp/traces_ragged/captured_interpret/rank0.json --label "ragged, interpreted" \
+            --trace "/tmp/traces_$TAG/captured_compiled/rank0.json" --label "padded, compiled" \
+            --trace "/tmp/traces_$TAG/captured_cudagraph/rank0.json" --label "padded, CUDA graphs" \
+            --out "$OUT/${phase}_$TAG.png" || true
+    done
 fi
 tar czf "$OUT/inductor.tgz" -C "$PWD" .cache/inductor 2>/dev/null && ls -la "$OUT/inductor.tgz"
 python3 - "$OUT" <<'PY'

@@ -138,8 +138,11 @@ def test_phase_picture_sets_each_traces_last_forward_side_by_side(tmp_path, caps
     out = tmp_path / "forward.png"
     assert cli.main(["timeline", *paths, "--phase", "forward", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
+    assert cli.main(["timeline", *paths, "--phase", "forward", "--label", "today", "--label", "graphs", "--out", str(out)]) == 0
     assert cli.main(["timeline", *paths, "--out", str(out)]) == 2
     assert "add --phase forward" in capsys.readouterr().err
+    assert cli.main(["timeline", *paths, "--phase", "forward", "--label", "today", "--out", str(out)]) == 2
+    assert "1 --label for 2 --trace" in capsys.readouterr().err
     (tmp_path / "cpu.json").write_text(__import__("json").dumps({"traceEvents": events[:3]}))
     assert cli.main(["timeline", "--trace", str(tmp_path / "cpu.json"), "--phase", "forward", "--out", str(out)]) == 2
     assert "cpu.json: the trace has no GPU kernels launched inside a lancet/forward range" in capsys.readouterr().err

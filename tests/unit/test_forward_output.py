@@ -48,6 +48,19 @@ def test_output_tree_rebuilds_nested_containers_and_dataclasses_around_new_tenso
         tree.rebuild(new[:2])
 
 
+def test_a_plain_output_object_is_rebuilt_from_its_attributes():
+    class Holder:
+        def __init__(self, x):
+            self.logits, self.note = x, "plain"
+
+    holder = Holder(torch.zeros(1))
+    tensors, tree = flatten_output([holder, 3])
+    assert tensors == [holder.logits]
+    rebuilt, three = tree.rebuild([torch.ones(2)])
+    assert isinstance(rebuilt, Holder) and rebuilt.logits.shape == (2,) and rebuilt.note == "plain" and three == 3
+    assert holder.logits.shape == (1,)
+
+
 def test_an_output_size_that_depends_on_the_batch_is_refused():
     def forward(x):
         flatten_output((x, x.shape[0]))

@@ -301,9 +301,11 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     checked_outputs((args.out, "--out"))
     if len(args.trace) > 1 and not args.phase:
         raise UsageError("several --trace draw one phase of each side by side: add --phase forward (or backward)")
+    if args.label and len(args.label) != len(args.trace):
+        raise UsageError(f"{len(args.label)} --label for {len(args.trace)} --trace: give one per trace, or none")
     try:
         if args.phase:
-            render_phase(args.trace, args.out, args.phase)
+            render_phase(args.trace, args.out, args.phase, args.label)
         else:
             render(args.trace[0], args.out, args.step)
     except (FileNotFoundError, IndexError, TraceError) as err:
@@ -399,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="Chrome trace (.json or .json.gz); repeat it with --phase to set traces side by side")
     timeline.add_argument("--phase", choices=("forward", "backward"),
                           help="draw only this phase of the last profiled step of each trace, on one time axis")
+    timeline.add_argument("--label", action="append",
+                          help="row name of each --trace with --phase, in order (default: a bench trace's variant)")
     timeline.add_argument("--out", required=True, help="PNG to write")
     timeline.add_argument("--step", type=int, default=0, help="profiled step to draw (measured traces)")
     timeline.set_defaults(func=cmd_timeline)

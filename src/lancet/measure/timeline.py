@@ -77,9 +77,11 @@ def trace_label(trace_path: str) -> str:
     return path.parent.name if path.name.startswith("rank") and path.parent.name else path.name
 
 
-def render_phase(trace_paths: list[str], out_path: str, phase: str) -> None:
-    """Draw ``phase`` of each measured trace, one row per trace on one time axis; TraceError for a trace without it."""
-    traces = [(trace_label(path), _load(path)) for path in trace_paths]
+def render_phase(trace_paths: list[str], out_path: str, phase: str, labels: list[str] | None = None) -> None:
+    """Draw ``phase`` of each measured trace, one row per trace on one time axis (rows named by ``labels``, else
+    ``trace_label``); TraceError for a trace without it."""
+    labels = labels or [trace_label(path) for path in trace_paths]
+    traces = [(label, _load(path)) for label, path in zip(labels, trace_paths)]
     try:
         plot_phases(traces, phase, out_path)
     except NoPhaseError as err:

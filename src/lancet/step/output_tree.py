@@ -4,8 +4,9 @@ The forward graph of a step (``capture_forward``) ends at the model's output, no
 loss function then runs on the output rebuilt from the graph's results, inside the traced step, so
 a loss with its own backward (``lancet.losses.linear_cross_entropy``) keeps that backward when a
 pass rewrites the forward. Outputs may nest containers that ``torch.utils._pytree`` knows (tuples,
-lists, dicts, named tuples, transformers' ``ModelOutput``) and dataclasses; every other value is kept
-as it was at trace time and must not depend on the traced shapes.
+lists, dicts, named tuples, transformers' ``ModelOutput``), dataclasses and plain objects (their
+attributes, on a shallow copy); every other value is kept as it was at trace time and must not
+depend on the traced shapes.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class OutputTree:
         return self._build(list(tensors))
 
 
-def _dataclass_builder(value: Any, fields: list[str], builders: list) -> Callable:
+def _attribute_builder(value: Any, fields: list[str], builders: list) -> Callable:
     def build(tensors: list[Tensor]) -> Any:
         rebuilt = copy.copy(value)
         for name, child in zip(fields, builders):
@@ -67,7 +68,12 @@ def _flatten(value: Any, where: str, tensors: list[Tensor]) -> Callable[[list[Te
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = [f.name for f in dataclasses.fields(value)]
         builders = [_flatten(getattr(value, name), f"{where}.{name}", tensors) for name in fields]
-        return _dataclass_builder(value, fields, builders)
+        return _attribute_builder(value, fields, builders)
+    attributes = getattr(value, "__dict__", None)
+    if isinstance(attributes, dict) and not isinstance(value, (type, torch.nn.Module)):
+        names = list(attributes)
+        builders = [_flatten(attributes[name], f"{where}.{name}", tensors) for name in names]
+        return _attribute_builder(value, names, builders)
     return lambda ts: value
 
 
