@@ -2,8 +2,9 @@
 
 Each trace gets two lanes, compute and communication, holding the kernels of the last profiled
 instance of the phase (kernels belong to a phase as ``lancet.measure.phases`` assigns them), x in
-ms from the phase's first kernel (bars at least 1/800 of the axis wide). White space in a lane is time in which no kernel of that lane ran;
-each row's label gives the phase's GPU window and its idle share.
+ms from the phase's first kernel (bars at least 1/800 of the axis wide). White space in a lane is
+time in which no kernel of that lane ran; each row's label gives the phase's GPU window and its
+idle share.
 """
 
 from __future__ import annotations

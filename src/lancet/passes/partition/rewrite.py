@@ -46,10 +46,9 @@ Pseudo-code
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import fx
@@ -457,7 +456,7 @@ def partition_rewrite_pass(
         _Rewriter(gm.graph, region, axes, index).run()
         stages = [stage for stage in stages if not set(stage) & set(nodes)]  # rewritten: copies carry marks
         done.append(spec)
-    partitioned = dataclasses.replace(forward, gm=gm, param_names=list(forward.param_names))
+    partitioned = replace(forward, gm=gm, param_names=list(forward.param_names))
     return PassResult(partitioned, PartitionDecisions(done))
 
 
