@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lancet.app.config import RunConfig
+from lancet.app.experiment.steps import HF_PREFIX
 from lancet.models import model_config
 
 
@@ -29,7 +30,7 @@ class MeasuredMismatch(ValueError):
 def _model_name(spec: dict) -> str:
     """The bench's model as the command line names it: ``hf:NAME`` for ``--hf-config NAME``."""
     if spec.get("hf_config"):
-        return f"hf:{spec['hf_config']}"
+        return f"{HF_PREFIX}{spec['hf_config']}"
     return spec["model"] if ":" in spec["model"] else model_config(spec["model"]).name
 
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from lancet.measure.phases import _idle_us, _phase_kernels
-from lancet.measure.trace_metrics import A2A, ALLREDUCE, COMPUTE, OTHER_COMM, _complete_events, _kernel_kind, _span
+from lancet.measure.trace_metrics import _COLOURS, _US_PER_MS, COMPUTE, _complete_events, _kernel_kind, _span
 
-_COLOURS = {COMPUTE: "tab:blue", A2A: "tab:red", ALLREDUCE: "tab:green", OTHER_COMM: "tab:gray"}
-_US_PER_MS = 1e3
 _MIN_BAR_SHARE = 800
 """Bars are at least 1/800 of the axis wide, so that short kernels (a one-rank all-to-all) still show."""
 
