@@ -27,6 +27,7 @@ from rich.table import Table
 
 from lancet.app.config import RunConfig
 from lancet.runtime.dist import rank_runtime
+from lancet.runtime.inductor_options import inductor_options
 from lancet.app.gc_policy import ScheduledCollection
 from lancet.app.report import header_line
 from lancet.measure.report import speedup, within_noise  # noqa: F401 (re-exported for the table)
@@ -321,7 +322,8 @@ def _write_json(path: str, run: RunConfig, world_size: int, rows: list[dict]) ->
     with open(partial, "w") as f:
         emulation = run.emulation()
         emulated = emulation.record() if emulation is not None else None
-        json.dump({"run": run.to_dict(), "world_size": world_size, "emulated": emulated, "results": rows}, f, indent=1)
+        json.dump({"run": run.to_dict(), "world_size": world_size, "emulated": emulated,
+                   "inductor_options": inductor_options(), "results": rows}, f, indent=1)
     partial.replace(path)
 
 

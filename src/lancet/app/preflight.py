@@ -18,6 +18,7 @@ from lancet.app.checkpoint import CheckpointError, check_manifest, latest_checkp
 from lancet.app.config import RunConfig, checkpoint_identity
 from lancet.app.data import SYNTHETIC, resolve_corpus_path
 from lancet.plan.artifact import ArtifactError, RunIdentity
+from lancet.runtime.inductor_options import inductor_options
 
 
 def launcher_device() -> torch.device:
@@ -133,3 +134,4 @@ def check_run(run: RunConfig, world_size: int, *, devices: bool = True) -> None:
         raise FileNotFoundError(f"plan file {run.plan!r} does not exist")
     check_plan(run.plan, run.identity(world_size, device), run.plan_variant)
     check_resume(run, world_size)
+    inductor_options()  # a bad LANCET_INDUCTOR_OPTIONS fails here, not in every rank's first compile

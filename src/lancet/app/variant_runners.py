@@ -1,7 +1,8 @@
 """The step function of every bench variant, with the executor it runs under.
 
 Variants: ``eager`` (the step function op by op), ``eager-compiled``
-(``torch.compile`` of the step function with default options: graph breaks
+(``torch.compile`` of the step function with default options, or those of
+``LANCET_INDUCTOR_OPTIONS`` as for the compiled regions: graph breaks
 where it reads split sizes on the host and at the backward, as a user would
 first try), and the captured graphs ``captured``, ``tutel-dN``, ``part-dN``,
 ``lancet-dw``, ``lancet-part`` and ``lancet``, each under an executor
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lancet.app.compile_progress import compile_progress
+from lancet.runtime.inductor_options import compile_options
 
 TORCH_COMPILE = "torch.compile"
 """The executor label of ``eager-compiled``."""
@@ -90,7 +92,8 @@ def build_runner(base: str, executor: str | None, session, plan, *, parts_prefix
     if base == "eager":
         return VariantRunner(session.train_step, eager_a2a, None)
     if base == "eager-compiled":
-        return VariantRunner(torch.compile(session.train_step.__call__), eager_a2a, TORCH_COMPILE)
+        compiled = torch.compile(session.train_step.__call__, **compile_options("inductor"))
+        return VariantRunner(compiled, eager_a2a, TORCH_COMPILE)
     from lancet.graph.analysis import analyze
     from lancet.runtime.executor import make_executor
 

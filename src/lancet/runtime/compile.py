@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import fx
 
+from lancet.runtime.inductor_options import compile_options
 from lancet.runtime.program import RegionCall
 
 _CACHE_COUNTERS = {
@@ -130,7 +131,8 @@ class RegionCompiler:
             key = region_key(call.module, args)
             shared = key in self._compiled
             if not shared:
-                self._compiled[key] = torch.compile(call.module, backend=self.backend, fullgraph=True, dynamic=False)
+                self._compiled[key] = torch.compile(call.module, backend=self.backend, fullgraph=True, dynamic=False,
+                                                    **compile_options(self.backend))
             call.impl = self._compiled[key]
             begin, before = time.perf_counter(), _counters()
             result = call.impl(*args)

@@ -23,6 +23,7 @@ optimizer applies the gradients) before it.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -99,6 +100,14 @@ class GraphedPhase:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.buffers: dict[int, torch.Tensor] = {}
         self.outputs = None
+        _PHASES.add(self)
+
+    def release(self) -> None:
+        """Destroy the captured graph and what it owns; the next call captures again."""
+        if self.graph is not None:
+            self.graph.reset()
+        self.graph, self.outputs = None, None
+        self.buffers.clear()
 
     def __call__(self, args: list):
         if self.graph is None:
@@ -132,6 +141,23 @@ class GraphedPhase:
         self.outputs = outputs if self.kept is None else tuple(
             out if i in self.kept else None for i, out in enumerate(outputs))
         return outputs
+
+
+_PHASES: weakref.WeakSet[GraphedPhase] = weakref.WeakSet()
+"""Every GraphedPhase of this process that is still referenced."""
+
+
+def release_graphs() -> int:
+    """Destroy every CUDA graph this process captured and still holds; returns how many.
+
+    Call before the process group goes: NCCL's ``destroy_process_group`` waits forever while a captured
+    graph that holds NCCL work is alive (measured on an H200 with torch 2.11: a rank whose executor was
+    still referenced never exited; with its graphs destroyed first, the group went in 0.4 s).
+    """
+    live = [phase for phase in list(_PHASES) if phase.graph is not None]
+    for phase in live:
+        phase.release()
+    return len(live)
 
 
 def _tensors(value) -> list[torch.Tensor]:

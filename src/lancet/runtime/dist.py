@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+from lancet.runtime.cudagraph import release_graphs
 from lancet.runtime.failures import (
     FAILURE_DIR_ENV,
     INTERRUPTED,
@@ -124,9 +125,16 @@ def init_runtime(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> Runtime:
 
 
 def shutdown_runtime() -> None:
-    """Orderly end of a rank that finished its work: wait for the others, then tear the group down."""
+    """Orderly end of a rank that finished its work: wait for the others, then tear the group down.
+
+    CUDA graphs that captured collectives are destroyed first (``release_graphs``): the group's
+    teardown would wait for them forever, and the executors that hold them are usually still
+    referenced by the rank's job at this point.
+    """
     if dist.is_initialized():
         dist.barrier()
+        if torch.cuda.is_available() and release_graphs():
+            torch.cuda.synchronize()
         dist.destroy_process_group()
 
 

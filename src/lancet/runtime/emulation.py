@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from lancet.cost.wire import Wire
+from lancet.runtime.cudagraph import release_graphs
 from lancet.runtime.dist import Runtime
 from lancet.runtime.regimes import Regime, load_regime
 from lancet.runtime.standin import CpuLane, StandIns
@@ -122,4 +123,5 @@ def emulated_runtime(spec: EmulationSpec) -> Iterator[Runtime]:
         yield Runtime(group=group, rank=0, world_size=spec.world_size, device=device)
     finally:
         library._destroy()
+        release_graphs()  # as lancet.runtime.dist.shutdown_runtime does before the group goes
         dist.destroy_process_group()
