@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The compiled, sync-free step on one GPU: GPU tests, then one bench of every executor and baseline.
 #
-#   GATE=switch bash scripts/gpu/compiled_step.sh      # MODEL, GATE, STEPS, BENCH_S, RAGGED=1 (also today's ragged step)
+#   GATE=switch bash scripts/gpu/compiled_step.sh      # MODEL, GATE, STEPS, BENCH_S, RAGGED=1 (also today's ragged step),
+#                                                      # PACK_CACHE=0 (no inductor.tgz: fewer, smaller files back)
 #
 # Logs, JSON, kernel time by family (kernels_TAG.md) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor, packed into $OUT/inductor.tgz so a later call
 # can carry it back (compile then hits the cache).
@@ -41,7 +42,9 @@ if [ "${RAGGED:-0}" = 1 ]; then  # the forward and backward of today's step besi
             --out "$OUT/${phase}_$TAG.png" || true
     done
 fi
-tar czf "$OUT/inductor.tgz" -C "$PWD" .cache/inductor 2>/dev/null && ls -la "$OUT/inductor.tgz"
+if [ "${PACK_CACHE:-1}" = 1 ]; then
+    tar czf "$OUT/inductor.tgz" -C "$PWD" .cache/inductor 2>/dev/null && ls -la "$OUT/inductor.tgz"
+fi
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
