@@ -109,8 +109,11 @@ def capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
 
 def _positions_in_order(expert_T: Tensor, num_experts: int) -> Tensor:
     """0-based arrival position of each token within its expert, in tensor order."""
-    # Scan along the contiguous last dim: a cumsum down a [T, E] column runs E serial scans on the GPU.
-    one_hot_ET = F.one_hot(expert_T, num_experts).t().contiguous()
+    # Scan along the contiguous last dim: a cumsum down a [T, E] column runs E serial scans on the GPU. A
+    # comparison rather than F.one_hot: elementwise (Inductor fuses it), and no check of the values that
+    # would read them back on the host (which fake tensors, in a compiled region's trace, refuse).
+    experts_E = torch.arange(num_experts, device=expert_T.device)
+    one_hot_ET = (expert_T[None, :] == experts_E[:, None]).to(torch.int64)
     return (torch.cumsum(one_hot_ET, dim=1) * one_hot_ET).sum(dim=0) - 1
 
 

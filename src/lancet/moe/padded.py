@@ -21,6 +21,11 @@ and every reshape leaves the capacity dim as -1. So a copy of the stage that
 runs on a subset of the tokens (a part of a partitioned layer) computes that
 subset's own capacity and drops: micro-batch semantics, with static shapes and
 nothing read back by the host. The two data ops are each other's backward.
+
+The ops stay opaque in the captured graph (the passes read them); inside a
+compiled region, where shapes are fixed, they are traced through their
+implementations (``IMPLEMENTATIONS``, ``lancet.runtime.inline_ops``) so Inductor
+fuses them with their neighbours.
 """
 
 from __future__ import annotations
@@ -43,8 +48,8 @@ def _capacity_of(num_tokens: int, num_experts: int, capacity_factor: float) -> i
     return cap
 
 
-@torch.library.custom_op("lancet::capacity_slots", mutates_args=())
-def capacity_slots(expert_T: Tensor, priority_T: Tensor | None, num_experts: int, capacity_factor: float) -> Tensor:
+def capacity_slots_impl(expert_T: Tensor, priority_T: Tensor | None, num_experts: int,
+                        capacity_factor: float) -> Tensor:
     """Slot of each token in the ``[E, C]`` buffer, -1 when dropped; C from these T tokens.
 
     Tokens are served in token order (``priority_T`` None: the switch gate's first come, first served)
@@ -60,22 +65,26 @@ def capacity_slots(expert_T: Tensor, priority_T: Tensor | None, num_experts: int
     return torch.where(position_T < cap, expert_T * cap + position_T, torch.full_like(position_T, -1))
 
 
+capacity_slots = torch.library.custom_op("lancet::capacity_slots", capacity_slots_impl, mutates_args=())
+
+
 @capacity_slots.register_fake
 def _capacity_slots_fake(expert_T, priority_T, num_experts, capacity_factor):
     _capacity_of(expert_T.shape[0], num_experts, capacity_factor)
     return torch.empty_like(expert_T, dtype=torch.int64)
 
 
-@torch.library.custom_op("lancet::slot_scatter", mutates_args=())
-def slot_scatter(rows_TM: Tensor, slot_T: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
+def slot_scatter_impl(rows_TM: Tensor, slot_T: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
     """``[E, C, M]`` buffer holding row t at slot ``slot_T[t]``; dropped rows are left out, empty slots are 0."""
     num_tokens, d_model = rows_TM.shape
     slots = num_experts * _capacity_of(num_tokens, num_experts, capacity_factor)
     # Dropped rows land in one extra row past the end, which is cut off.
-    buffer = rows_TM.new_zeros(slots + 1, d_model)
     index_T = torch.where(slot_T >= 0, slot_T, torch.full_like(slot_T, slots))
-    buffer.index_copy_(0, index_T, rows_TM)
+    buffer = rows_TM.new_zeros(slots + 1, d_model).index_copy(0, index_T, rows_TM)
     return buffer[:slots].view(num_experts, -1, d_model)
+
+
+slot_scatter = torch.library.custom_op("lancet::slot_scatter", slot_scatter_impl, mutates_args=())
 
 
 @slot_scatter.register_fake
@@ -93,13 +102,19 @@ def _check_buffer(buffer_ECM: Tensor, slot_T: Tensor, num_experts: int, capacity
         )
 
 
-@torch.library.custom_op("lancet::slot_gather", mutates_args=())
-def slot_gather(buffer_ECM: Tensor, slot_T: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
+def slot_gather_impl(buffer_ECM: Tensor, slot_T: Tensor, num_experts: int, capacity_factor: float) -> Tensor:
     """Row ``slot_T[t]`` of the buffer for every token t, zeros for dropped tokens."""
     _check_buffer(buffer_ECM, slot_T, num_experts, capacity_factor)
     flat_SM = buffer_ECM.reshape(-1, buffer_ECM.shape[-1])
     rows_TM = flat_SM.index_select(0, slot_T.clamp_min(0))
     return torch.where((slot_T >= 0)[:, None], rows_TM, torch.zeros_like(rows_TM))
+
+
+slot_gather = torch.library.custom_op("lancet::slot_gather", slot_gather_impl, mutates_args=())
+
+IMPLEMENTATIONS = {"capacity_slots": capacity_slots_impl, "slot_scatter": slot_scatter_impl,
+                   "slot_gather": slot_gather_impl}
+"""Each op's implementation by op name: plain torch code, which a compiled region traces in the op's place."""
 
 
 @slot_gather.register_fake

@@ -2,7 +2,8 @@
 
 Each region is compiled when it first runs, on its real inputs (static shapes:
 ``dynamic=False``; ``fullgraph=True``, as a region holds nothing Inductor cannot
-take). ``torch.compile`` rather than ``torch._inductor.compile``: the latter has
+take), after its padded-dispatch ops are traced through their implementations
+(``lancet.runtime.inline_ops``) so that Inductor fuses them. ``torch.compile`` rather than ``torch._inductor.compile``: the latter has
 no shape environment, so Inductor's FX-graph cache refuses it ("No shape env")
 and every process would compile from scratch.
 
@@ -25,6 +26,7 @@ import torch
 from torch import fx
 
 from lancet.runtime.inductor_options import compile_options
+from lancet.runtime.inline_ops import inline_lancet_ops
 from lancet.runtime.program import RegionCall
 
 _CACHE_COUNTERS = {
@@ -131,7 +133,8 @@ class RegionCompiler:
             key = region_key(call.module, args)
             shared = key in self._compiled
             if not shared:
-                self._compiled[key] = torch.compile(call.module, backend=self.backend, fullgraph=True, dynamic=False,
+                module = inline_lancet_ops(call.module, args)
+                self._compiled[key] = torch.compile(module, backend=self.backend, fullgraph=True, dynamic=False,
                                                     **compile_options(self.backend))
             call.impl = self._compiled[key]
             begin, before = time.perf_counter(), _counters()
