@@ -216,7 +216,8 @@ class Runner:
     ``variant``: which of the plan's variants runs (``lancet``, ``lancet-dw``, ``lancet-part``).
     ``executor``: ``interpret``, ``compiled``, ``cudagraph``, None (the fastest the graph and device allow),
     or ``eager`` (the step function op by op, no graph: the reference). The step is captured on the first
-    batch; every later batch must have its shape.
+    batch; every later batch must have its shape. ``close()`` (or leaving a ``with`` block) destroys
+    the CUDA graphs it replays, which must happen before the process group is torn down.
     """
 
     def __init__(self, step: Step, plan: Plan | None = None, *, variant: str = "lancet",
@@ -250,3 +251,18 @@ class Runner:
         result = self(batch)
         apply_gradients(self.owner.optimizer, self._params, result.grads)
         return result.loss
+
+    def close(self) -> None:
+        """Destroy the CUDA graphs this runner replays; call it (or use ``with Runner(...)``) before
+        ``dist.destroy_process_group()``, whose NCCL teardown waits forever while such a graph is alive.
+        A later step builds and captures again."""
+        close = getattr(self._run, "close", None)
+        if close is not None:
+            close()
+        self._run = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

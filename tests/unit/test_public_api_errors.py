@@ -95,3 +95,16 @@ def test_factory_errors():
         build_bundle(f"{__name__}:not_a_bundle", None, torch.device("cpu"))
     with pytest.raises(ModelFactoryError, match="expected package.module:factory"):
         build_bundle("examples.mixtral_style:", None, torch.device("cpu"))
+
+
+def test_targets_of_another_shape_than_the_inputs_run_and_a_new_batch_shape_is_refused():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)  # a classifier: inputs [B, 4], targets [B]
+    step = lancet.Step(model, nn.functional.cross_entropy, torch.optim.SGD(model.parameters(), lr=0.1))
+    batch = (torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    for executor in ("interpret", "compiled"):
+        runner = lancet.Runner(step, executor=executor)
+        assert torch.isfinite(runner.step(batch))
+        with pytest.raises(ValueError, match=r"shapes \(6, 4\) \(inputs\) and \(6,\) \(targets\) given to a graph "
+                                             r"captured for \(5, 4\) and \(5,\)"):
+            runner.step((torch.randn(6, 4), torch.randint(0, 3, (6,))))

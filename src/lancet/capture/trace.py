@@ -52,10 +52,20 @@ class TrainGraph:
     param_names: list[str]
     batch_shape: tuple[int, ...]
     device: torch.device
+    target_shape: tuple[int, ...] | None = None
+    """Shape of the targets (None: ``batch_shape``, as for token targets of a language model)."""
 
     @property
     def num_params(self) -> int:
         return len(self.param_names)
+
+    def check_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Refuse a batch of other shapes than the one the graph was captured on (its shapes are baked in)."""
+        want = (self.batch_shape, self.target_shape if self.target_shape is not None else self.batch_shape)
+        got = (tuple(inputs.shape), tuple(targets.shape))
+        if got != want:
+            raise ValueError(f"batch of shapes {got[0]} (inputs) and {got[1]} (targets) given to a graph captured "
+                             f"for {want[0]} and {want[1]}; capture again for a new batch shape")
 
     @property
     def graph(self) -> fx.Graph:
@@ -213,6 +223,7 @@ def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: tor
         param_names=list(train_step.param_names),
         batch_shape=tuple(tokens_BS.shape),
         device=tokens_BS.device,
+        target_shape=tuple(targets_BS.shape),
     )
 
 

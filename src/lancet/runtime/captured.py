@@ -27,8 +27,7 @@ class CapturedStep:
 
     def __call__(self, params: list[torch.Tensor], tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> StepResult:
         graph = self.train_graph
-        if tuple(tokens_BS.shape) != graph.batch_shape or tuple(targets_BS.shape) != graph.batch_shape:
-            raise ValueError(f"batch of shape {tuple(tokens_BS.shape)} given to a graph captured for {graph.batch_shape}")
+        graph.check_batch(tokens_BS, targets_BS)
         with torch.no_grad():
             outputs = self._forward(*params, tokens_BS, targets_BS)
         num_params = graph.num_params

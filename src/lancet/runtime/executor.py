@@ -115,8 +115,7 @@ class StepExecutor:
 
     def __call__(self, params: list[torch.Tensor], tokens_BS: torch.Tensor, targets_BS: torch.Tensor) -> StepResult:
         graph = self.train_graph
-        if tuple(tokens_BS.shape) != graph.batch_shape or tuple(targets_BS.shape) != graph.batch_shape:
-            raise ValueError(f"batch of shape {tuple(tokens_BS.shape)} given to a graph captured for {graph.batch_shape}")
+        graph.check_batch(tokens_BS, targets_BS)
         with torch.no_grad():
             outputs = self._run(list(params), tokens_BS, targets_BS)
         self.steps += 1
@@ -137,6 +136,19 @@ class StepExecutor:
         elif any(p is not q for p, q in zip(params, self._params)):
             raise ValueError("the CUDA graphs were captured for other parameter tensors; update parameters in place")
         return run()
+
+    def close(self) -> None:
+        """Destroy this executor's CUDA graphs and what they own (nothing to do for other executors).
+
+        Call it before tearing down the process group: NCCL's teardown waits forever while a graph that
+        captured its collectives is alive (lancet's own ranks do it in ``shutdown_runtime``). A later
+        call of the executor warms up and captures again.
+        """
+        for phase in self.program.phases:
+            if isinstance(phase.impl, GraphedPhase):
+                phase.impl.release()
+            phase.impl = phase.module.forward
+        self.steps, self._params = 0, None
 
     def _arm_graphs(self, params: list[torch.Tensor]) -> None:
         """Capture every phase on its next call; parameters are read where they are."""
