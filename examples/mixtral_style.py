@@ -181,14 +181,15 @@ def main(steps: int = 5) -> None:
     profile = lancet.profile(step, batches[:2], reps=2)
     comm = lancet.profile_comm(group, device, sizes=[2**k for k in range(12, 21, 2)], reps=2)
     plan = lancet.optimize(step, batches[0], profile, comm)
-    runner = lancet.Runner(step, plan, executor=None if cuda else "interpret")
     if rank == 0:
         print(f"expert parameters: {len(step.expert_params)}; plan: "
               + ", ".join(f"{name}={v.chosen}" for name, v in plan.variants.items()))
-    for i, batch in enumerate(batches):
-        loss = runner.step(batch)
-        if rank == 0:
-            print(f"step {i}: loss {loss.item():.4f}", flush=True)
+    # The with-block destroys any CUDA graphs the runner replays before the process group goes.
+    with lancet.Runner(step, plan, executor=None if cuda else "interpret") as runner:
+        for i, batch in enumerate(batches):
+            loss = runner.step(batch)
+            if rank == 0:
+                print(f"step {i}: loss {loss.item():.4f}", flush=True)
     dist.destroy_process_group()
 
 
