@@ -4,7 +4,7 @@
 #   GATE=switch bash scripts/gpu/compiled_step.sh      # MODEL, GATE, STEPS, BENCH_S, RAGGED=1 (also today's ragged step),
 #                                                      # PACK_CACHE=0 (no inductor.tgz: fewer, smaller files back)
 #
-# Logs, JSON, kernel time by family (kernels_TAG.md) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor, packed into $OUT/inductor.tgz so a later call
+# Logs, JSON, kernel time by family (kernels_TAG.md), the replayed forward's kernels in order (fwd_kernels_TAG.md) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor, packed into $OUT/inductor.tgz so a later call
 # can carry it back (compile then hits the cache).
 source scripts/gpu/env.sh
 export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
@@ -34,6 +34,8 @@ if [ "${RAGGED:-0}" = 1 ]; then
         --json "$OUT/bench_${TAG}_ragged.json" --trace-dir /tmp/traces_ragged
 fi
 python3 scripts/gpu/kernel_table.py "/tmp/traces_$TAG" captured_cudagraph 14 > "$OUT/kernels_$TAG.md" 2>&1
+graphed="/tmp/traces_$TAG/captured_cudagraph/rank0.json"  # the replayed forward, kernel by kernel
+[ -f "$graphed" ] && python3 scripts/gpu/phase_kernels.py "$graphed" forward 3000 > "$OUT/fwd_kernels_$TAG.md" 2>&1
 if [ "${RAGGED:-0}" = 1 ]; then  # the forward and backward of today's step beside the compiled ones
     for phase in forward backward; do
         $LANCET timeline --phase $phase --trace /tmp/traces_ragged/captured_interpret/rank0.json --label "ragged, interpreted" \
