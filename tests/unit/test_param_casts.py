@@ -106,3 +106,20 @@ def test_casts_with_more_than_a_dtype_are_left_alone(kwargs):
         meta.update(node, **{meta.PHASE: meta.FORWARD})
         node.meta["val"] = torch.ones(2)
     assert batch_parameter_casts(fx.GraphModule(torch.nn.Module(), graph), num_params=2) == 0
+
+
+def test_a_parameter_cast_twice_is_copied_once():
+    graph = fx.Graph()
+    w, b = graph.placeholder("w"), graph.placeholder("b")
+    casts = [graph.call_function(aten._to_copy.default, (p,), {"dtype": torch.bfloat16}) for p in (w, b, w)]
+    graph.output((graph.call_function(aten.add.Tensor, (casts[0], casts[2])), casts[1]))
+    for node in graph.nodes:
+        meta.update(node, **{meta.PHASE: meta.FORWARD})
+        node.meta["val"] = torch.ones(2)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    inputs = [torch.tensor([1.0001, -2.7]), torch.tensor([0.3, 0.7])]
+    want = gm(*inputs)
+    assert batch_parameter_casts(gm, num_params=2) == 3
+    foreach = next(n for n in gm.graph.nodes if n.target is aten._foreach_copy.default)
+    assert [a.name for a in foreach.args[1]] == ["w", "b"]
+    assert all(torch.equal(g, w) for g, w in zip(gm(*inputs), want))

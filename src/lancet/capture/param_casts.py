@@ -35,7 +35,8 @@ def batch_parameter_casts(gm: fx.GraphModule, num_params: int) -> int:
     """Rewrite ``gm`` in place (see the module docstring); returns how many casts were batched (0: unchanged).
 
     Contract: same outputs bitwise; only forward casts of the first ``num_params`` placeholders with a dtype
-    and nothing else change; fewer than two such casts leave the graph as it is.
+    and nothing else change (a parameter cast more than once to one dtype is copied once); fewer than two
+    such casts leave the graph as it is.
     """
     graph = gm.graph
     casts = _parameter_casts(graph, num_params)
@@ -50,12 +51,17 @@ def batch_parameter_casts(gm: fx.GraphModule, num_params: int) -> int:
         cursor.meta = node_meta
         return cursor
 
+    slot = {}  # (parameter, dtype) -> index in the foreach: a parameter cast twice to one dtype is copied once
+    for cast in casts:
+        slot.setdefault((cast.args[0], cast.kwargs["dtype"]), len(slot))
+    first = {index: next(c for c in casts if slot[(c.args[0], c.kwargs["dtype"])] == index) for index in slot.values()}
     empties = [add(aten.empty.memory_format, (list(c.meta["val"].shape),),
-                   {"dtype": c.kwargs["dtype"], "device": c.meta["val"].device}, dict(c.meta)) for c in casts]
-    copies = add(aten._foreach_copy.default, (empties, [c.args[0] for c in casts]), {},
-                 {**casts[0].meta, "val": [c.meta["val"] for c in casts]})
-    for index, cast in enumerate(casts):
-        cast.replace_all_uses_with(add(operator.getitem, (copies, index), {}, dict(cast.meta)))
+                   {"dtype": c.kwargs["dtype"], "device": c.meta["val"].device}, dict(c.meta)) for c in first.values()]
+    copies = add(aten._foreach_copy.default, (empties, [c.args[0] for c in first.values()]), {},
+                 {**casts[0].meta, "val": [c.meta["val"] for c in first.values()]})
+    items = {index: add(operator.getitem, (copies, index), {}, dict(c.meta)) for index, c in first.items()}
+    for cast in casts:
+        cast.replace_all_uses_with(items[slot[(cast.args[0], cast.kwargs["dtype"])]])
         graph.erase_node(cast)
     graph.lint()
     gm.recompile()
