@@ -9,7 +9,7 @@ from lancet.app.data import BatchSource
 from lancet.capture.trace import capture_step
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
-from lancet.runtime.inline_ops import has_inlined_ops, inline_lancet_ops, inline_table
+from lancet.runtime.inline_ops import holds_inlinable_ops, inline_lancet_ops, inline_table
 from lancet.runtime.program import build_program
 from lancet.step.train_step import TrainStep
 
@@ -50,7 +50,7 @@ def test_regions_trace_the_dispatch_ops_through_their_implementations(gate):
             assert inlined is module
             continue
         inlined_ops |= ops
-        assert not has_inlined_ops(inlined)
+        assert not holds_inlinable_ops(inlined)
         want, got = _leaves(module(*args)), _leaves(inlined(*args))
         assert len(want) == len(got)
         for w, g in zip(want, got):

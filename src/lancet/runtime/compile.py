@@ -3,9 +3,10 @@
 Each region is compiled when it first runs, on its real inputs (static shapes:
 ``dynamic=False``; ``fullgraph=True``, as a region holds nothing Inductor cannot
 take), after its padded-dispatch ops are traced through their implementations
-(``lancet.runtime.inline_ops``) so that Inductor fuses them. ``torch.compile`` rather than ``torch._inductor.compile``: the latter has
-no shape environment, so Inductor's FX-graph cache refuses it ("No shape env")
-and every process would compile from scratch.
+(``lancet.runtime.inline_ops``) so that Inductor fuses them. ``torch.compile``
+rather than ``torch._inductor.compile``: the latter has no shape environment,
+so Inductor's FX-graph cache refuses it ("No shape env") and every process
+would compile from scratch.
 
 Regions with the same structure and the same input shapes (the same block of
 different layers; the same region in two plans of one step, given one

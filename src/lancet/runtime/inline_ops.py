@@ -23,7 +23,8 @@ def inline_table() -> dict:
     return {getattr(torch.ops.lancet, name).default: impl for name, impl in IMPLEMENTATIONS.items()}
 
 
-def has_inlined_ops(module: fx.GraphModule) -> bool:
+def holds_inlinable_ops(module: fx.GraphModule) -> bool:
+    """Whether ``module`` calls any of the ops ``inline_lancet_ops`` replaces."""
     table = inline_table()
     return any(node.op == "call_function" and node.target in table for node in module.graph.nodes)
 
@@ -31,6 +32,6 @@ def has_inlined_ops(module: fx.GraphModule) -> bool:
 def inline_lancet_ops(module: fx.GraphModule, args: tuple) -> fx.GraphModule:
     """``module`` with every padded-dispatch op traced through its implementation (``module`` itself when it
     holds none). ``args``: the region's inputs (real tensors; only their metadata is used)."""
-    if not has_inlined_ops(module):
+    if not holds_inlinable_ops(module):
         return module
     return make_fx(module, decomposition_table=inline_table(), tracing_mode="fake")(*args)
