@@ -1,4 +1,5 @@
-"""Test tiers, as markers: unit (one process, seconds), multirank (gloo ranks), e2e (the CLI end to end), gpu.
+"""Test tiers, as markers: unit (one process, seconds), compile (one process, Inductor on the CPU), multirank (gloo
+ranks), e2e (the CLI end to end), gpu.
 
 Each test gets the marker of its folder unless it carries a tier marker of its own. The fast tier is
 ``pytest -m unit``; GPU tests skip where there is no CUDA device.
@@ -15,7 +16,7 @@ import torch
 # the ranks (inherited by spawned ranks and by the command-line runs).
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
-TIERS = ("unit", "multirank", "e2e", "gpu")
+TIERS = ("unit", "compile", "multirank", "e2e", "gpu")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -29,7 +29,7 @@ def main() -> None:
     kernels = sorted(instances[-1], key=lambda e: _span(e)[0])
     end = _span(kernels[0])[0]
     time, count, idle = Counter(), Counter(), Counter()
-    print(f"| # | kernel | us | gap before us |\n|---|---|---|---|")
+    print("| # | kernel | us | gap before us |\n|---|---|---|---|")
     for i, event in enumerate(kernels):
         start, stop = _span(event)
         gap = max(0.0, start - end)

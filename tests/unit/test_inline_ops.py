@@ -57,3 +57,4 @@ def test_regions_trace_the_dispatch_ops_through_their_implementations(gate):
             assert torch.equal(w, g)  # the same ATen ops on the same inputs: bitwise
     # The forward's slots, scatter and gather, and the backward's gather and scatter, all went through.
     assert inlined_ops == set(table)
+

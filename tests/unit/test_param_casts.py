@@ -15,7 +15,6 @@ from lancet.graph import meta
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
 from lancet.runtime.captured import CapturedStep
-from lancet.runtime.executor import make_executor
 from lancet.step.train_step import TrainStep
 
 aten = torch.ops.aten
@@ -48,16 +47,6 @@ def test_captured_bf16_step_casts_its_parameters_once_and_equals_eager_bitwise()
     assert torch.equal(got.loss, want.loss)
     for g, w in zip(got.grads, want.grads):
         assert torch.equal(g, w)
-
-
-def test_the_compiled_executor_runs_the_batched_casts():
-    step, batch = _bf16_step(layers=1)
-    graph = capture_step(step, *batch)
-    params = step.parameters()
-    want = CapturedStep(graph)(params, *batch)
-    got = make_executor(graph, "compiled")(params, *batch)
-    # bf16 arithmetic that Inductor fuses and reorders: equal to rounding, not bitwise.
-    assert torch.allclose(got.loss, want.loss, rtol=2e-2)
 
 
 def _graph_with_casts() -> fx.GraphModule:
