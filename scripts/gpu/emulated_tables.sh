@@ -16,7 +16,12 @@
 #   GATE [switch]  DTYPE [bf16]  STEPS [8]  WARMUP [2]  ROUNDS [1]  PROFILE_STEPS [1]  PASSES [2]  REPS [3]
 #   SMS [the regime's] (--emulate-sms)  SELFTEST [1] (tests/gpu/test_emulation_cuda.py first)  COMM_MAX_BYTES (profile-comm sweep)
 #   BUDGET_S [560] or DEADLINE (epoch seconds): no step starts when fewer than NEED_S [120] seconds are left
-#   OUT [out] (set by the GPU machine): results in $OUT/emulated/, logs in $OUT/emulated/log.txt
+#   OUT [out] (set by the GPU machine): results in EMULATED_DIR [$OUT/emulated; /tmp/emulated with PACK=1],
+#            logs in its log.txt
+#   PACK [0]: 1 packs EMULATED_DIR into $OUT/emulated.tgz (and the log beside it): two files back from the
+#            device, which returns at most 8. To resume in a later call: unpack it into a carried folder,
+#            e.g. `mkdir -p .carry && tar xzf emulated.tgz -C .carry`, and call with EMULATED_DIR=.carry/emulated
+#            and carry [".carry"]. Optimize's predicted timelines go to /tmp/emulated_pred (not returned).
 #   MEASURED_DIR [docs/data]: measured_<model>_w<W>_<regime>.json there is printed beside the emulated bench
 #
 # Time on one H200 (estimate, not measured: runs 5-7 on 1-2 H200s): nl12 b48 profile ~1.5 min, optimize ~1.5,
@@ -30,7 +35,8 @@ REGIMES=${REGIMES:-"ib100 ib400"}
 VARIANTS=${VARIANTS:-eager,captured,tutel-d2,tutel-d4,lancet-dw,lancet-part,lancet}
 G=${GATE:-switch}
 DT=${DTYPE:-bf16}
-D="$OUT/emulated"; mkdir -p "$D"
+if [ "${PACK:-0}" = 1 ]; then D="${EMULATED_DIR:-/tmp/emulated}"; else D="${EMULATED_DIR:-$OUT/emulated}"; fi
+mkdir -p "$D"
 BEGIN=$(date +%s)
 DEADLINE=${DEADLINE:-$(( BEGIN + ${BUDGET_S:-560} ))}
 LOG="$D/log.txt"
@@ -75,7 +81,7 @@ for M in $MODELS; do
             COMM="$D/comm_w${W}_$(short $R).json"
             [ -e "$COMM" ] || continue
             done_or_run "$D/plan_$NAME.json" $LANCET optimize --profile "$PROFILE" --comm "$COMM" \
-                --out "$D/plan_$NAME.json" --trace-dir "$D/pred_$NAME" || continue
+                --out "$D/plan_$NAME.json" --trace-dir "/tmp/emulated_pred/$NAME" || continue
             MEASURED="${MEASURED_DIR:-docs/data}/measured_${M}_w${W}_$(short $R).json"
             EXTRA=""; [ -e "$MEASURED" ] && EXTRA="--measured $MEASURED"
             done_or_run "$D/bench_$NAME.json" bash -c "$LANCET bench $(model_args $M) --gate $G --dtype $DT $(emulate $W $R) \
@@ -93,3 +99,6 @@ for f in "$D"/bench_*.json; do
 done | tee -a "$LOG"
 echo; echo "## the emulated wire (profile-comm of the stand-ins), plan vs best tutel-dN" | tee -a "$LOG"
 python3 -m lancet.app.emulation_report "$D" 2>&1 | tee -a "$LOG"
+if [ "${PACK:-0}" = 1 ]; then  # one file back for everything (the device returns at most 8 files)
+    tar czf "$OUT/emulated.tgz" -C "$(dirname "$D")" "$(basename "$D")" && cp "$LOG" "$OUT/emulated_log.txt"
+fi
