@@ -13,13 +13,7 @@ from lancet.moe import GateConfig
 from lancet.runtime.captured import CapturedStep
 from lancet.runtime.executor import make_executor
 from lancet.step.train_step import TrainStep
-
-
-def _bf16_step(layers: int = 1):
-    cfg = model_config(f"gpt2_moe_nl{layers}_m16_nh2_sl8_b2", vocab_size=97, gate=GateConfig(kind="switch"))
-    torch.manual_seed(0)
-    step = TrainStep(build_model(cfg, None, world_size=1), None, autocast_dtype=torch.bfloat16)
-    return step, BatchSource(batch_size=2, seq_len=8, vocab_size=97, seed=1).batch(0, 0)
+from tests.unit.test_param_casts import _bf16_step
 
 
 def test_batch_prioritized_step_compiled_with_inlined_ops_equals_the_graph():
@@ -39,7 +33,7 @@ def test_batch_prioritized_step_compiled_with_inlined_ops_equals_the_graph():
 
 
 def test_the_compiled_executor_runs_the_batched_casts():
-    step, batch = _bf16_step()
+    step, batch = _bf16_step(layers=1)
     graph = capture_step(step, *batch)
     assert any(n.target is torch.ops.aten._foreach_copy.default for n in graph.graph.nodes)
     params = step.parameters()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
 
 from lancet.app.data import BatchSource
 from lancet.capture.trace import capture_step
@@ -15,11 +16,7 @@ from lancet.step.train_step import TrainStep
 
 
 def _leaves(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _leaves(v)]
-    return []
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _region_inputs(gate: str) -> dict:

@@ -51,17 +51,19 @@ def batch_parameter_casts(gm: fx.GraphModule, num_params: int) -> int:
         cursor.meta = node_meta
         return cursor
 
-    slot = {}  # (parameter, dtype) -> index in the foreach: a parameter cast twice to one dtype is copied once
+    def key(cast: fx.Node) -> tuple:  # a parameter cast twice to one dtype is copied once
+        return cast.args[0], cast.kwargs["dtype"]
+
+    first: dict[tuple, fx.Node] = {}
     for cast in casts:
-        slot.setdefault((cast.args[0], cast.kwargs["dtype"]), len(slot))
-    first = {index: next(c for c in casts if slot[(c.args[0], c.kwargs["dtype"])] == index) for index in slot.values()}
+        first.setdefault(key(cast), cast)
     empties = [add(aten.empty.memory_format, (list(c.meta["val"].shape),),
                    {"dtype": c.kwargs["dtype"], "device": c.meta["val"].device}, dict(c.meta)) for c in first.values()]
     copies = add(aten._foreach_copy.default, (empties, [c.args[0] for c in first.values()]), {},
                  {**casts[0].meta, "val": [c.meta["val"] for c in first.values()]})
-    items = {index: add(operator.getitem, (copies, index), {}, dict(c.meta)) for index, c in first.items()}
+    items = {k: add(operator.getitem, (copies, index), {}, dict(c.meta)) for index, (k, c) in enumerate(first.items())}
     for cast in casts:
-        cast.replace_all_uses_with(items[slot[(cast.args[0], cast.kwargs["dtype"])]])
+        cast.replace_all_uses_with(items[key(cast)])
         graph.erase_node(cast)
     graph.lint()
     gm.recompile()
