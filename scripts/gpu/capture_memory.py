@@ -60,7 +60,10 @@ def main() -> None:
             cells = "  ".join(f"{peak:6.2f}/{after:5.2f}" for peak, after in peaks)
             print(f"{name:10s} peak/after GiB per step: {cells}", flush=True)
         if "cudagraph" in variants:
-            print(f"cudagraph warm-up steps: {variants['cudagraph'].config.warmup}; the next step captures")
+            graphed = variants["cudagraph"]
+            print(f"cudagraph warm-up steps: {graphed.config.warmup}; the next step captures")
+            reruns = graphed.capture_reruns()
+            print("phases run uncaptured before their capture:", reruns or "none")
 
 
 if __name__ == "__main__":

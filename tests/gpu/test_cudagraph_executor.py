@@ -112,6 +112,8 @@ def _compare_graph_to_compiled(step: TrainStep, batches) -> None:
     difference = _largest_difference(got, want)
     assert difference <= 10 * floor, f"graphed vs compiled {difference:.3g}; compiled vs compiled {floor:.3g}"
     assert graphed.steps == STEPS and all(phase.impl.graph is not None for phase in graphed.program.phases)
+    # Inputs as in the warm-up (attention seeds detached at capture): no phase ran uncaptured before its capture.
+    assert graphed.capture_reruns() == {}
 
 
 def test_cudagraph_equals_compiled_on_a_dense_step_with_a_collective(group):
@@ -128,6 +130,21 @@ def test_cudagraph_equals_compiled_on_a_small_moe_model_when_sync_free(group):
     if reason is not None:
         pytest.skip(f"the switch gate's dispatch is not sync-free in this build: {reason}")
     _compare_graph_to_compiled(step, batches)
+
+
+def test_bf16_moe_step_is_captured_without_an_uncaptured_run(group):
+    cfg = model_config("gpt2_moe_nl2_m64_nh4_sl16_b4", vocab_size=97, gate=GateConfig(kind="switch"))
+    torch.manual_seed(0)
+    step = TrainStep(build_model(cfg, group, device=torch.device("cuda", 0)), group, autocast_dtype=torch.bfloat16)
+    batches = _batches(97, 4, 16)
+    graph = capture_step(step, *batches[0])
+    start = [p.detach().clone() for p in step.parameters()]
+    want = _run(make_executor(graph, "compiled"), [p.clone() for p in start], batches)
+    graphed = make_executor(graph, "cudagraph")
+    got = _run(graphed, [p.clone() for p in start], batches)
+    assert graphed.capture_reruns() == {}
+    for (got_loss, _), (want_loss, _) in zip(got, want):
+        assert _relative(got_loss, want_loss) < 1e-2
 
 
 def test_ragged_step_runs_compiled_and_names_the_host_wait(group):

@@ -59,7 +59,10 @@ class VariantRunner:
 
     def compile_report(self) -> dict | None:
         report = getattr(self.step, "compile_report", None)
-        return None if report is None else report.to_json()
+        if report is None:
+            return None
+        reruns = getattr(self.step, "capture_reruns", None)
+        return {**report.to_json(), **({"capture_reruns": reruns()} if reruns is not None else {})}
 
 
 def _captured_graph(base: str, session, plan, parts_prefix: str, plan_variants: tuple[str, ...]):

@@ -28,6 +28,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from lancet.capture.attention_seeds import detach_attention_seeds
 from lancet.capture.param_casts import batch_parameter_casts
 from lancet.step.output_tree import OutputTree, flatten_output
 from lancet.step.train_step import TrainStep
@@ -220,6 +221,7 @@ def capture_step(train_step: TrainStep, tokens_BS: torch.Tensor, targets_BS: tor
 
     gm = _trace(flat_step, [*params, tokens_BS, targets_BS], train_step.model)
     batch_parameter_casts(gm, num_params)
+    detach_attention_seeds(gm)
     return TrainGraph(
         gm=gm,
         param_names=list(train_step.param_names),

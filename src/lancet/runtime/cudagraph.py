@@ -6,10 +6,13 @@ dispatch reads split sizes on the host). ``graph_blockers`` names what stands in
 the way.
 
 Capture (``GraphedPhase``): after warm-up steps on a side stream (Inductor has
-compiled and autotuned, NCCL communicators exist), each phase runs once more on
-exactly the inputs of its capture (so nothing compiles inside the capture; a
-recompile there is an error), then is captured once into a
-``torch.cuda.CUDAGraph``; the phases share one memory pool, so the forward's
+compiled and autotuned, NCCL communicators exist), each phase is captured once
+into a ``torch.cuda.CUDAGraph``. A phase whose capture inputs differ in any
+property a compiled region guards on (device, dtype, shape, strides, aliasing)
+from those of its last warm-up call first runs once more, uncaptured, on exactly
+those inputs, so that nothing compiles inside the capture (a recompile there is
+an error); that run keeps the phase's inputs alive while it makes all of its
+outputs, so a phase whose inputs are as in the warm-up skips it; the phases share one memory pool, so the forward's
 outputs that the backward reads stay where the backward graph expects them, and
 the backward, which frees them at their last use while it is captured, reuses
 their memory as the step does without graphs. Each collective's start and its
@@ -80,6 +83,45 @@ def _storage(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
+def input_signature(args: list) -> tuple:
+    """What a compiled region's guards may look at in ``args``: per tensor its device, dtype, shape, strides,
+    storage offset, 16-byte alignment and the first earlier argument sharing its storage; other values as
+    they are (their type where they do not compare by value)."""
+    first: dict[int, int] = {}
+    signature = []
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            storage = _storage(arg)
+            signature.append((arg.device, arg.dtype, tuple(arg.shape), tuple(arg.stride()), arg.storage_offset(),
+                              arg.data_ptr() % 16 == 0, first.setdefault(storage, i)))
+        elif arg is None or isinstance(arg, (bool, int, float, str, torch.dtype, torch.device)):
+            signature.append(arg)
+        else:
+            signature.append(type(arg))
+    return tuple(signature)
+
+
+def signature_differences(warm: tuple | None, now: tuple) -> list[str]:
+    """One line per argument whose signature differs between a warm-up call and the capture."""
+    if warm is None:
+        return ["no warm-up call was recorded"]
+    if len(warm) != len(now):
+        return [f"{len(warm)} arguments in the warm-up, {len(now)} at the capture"]
+    return [f"argument {i}: {a} in the warm-up, {b} at the capture" for i, (a, b) in enumerate(zip(warm, now)) if a != b]
+
+
+class WarmPhase:
+    """A phase run uncaptured (a warm-up step) that remembers the ``input_signature`` of its last call."""
+
+    def __init__(self, run: Callable) -> None:
+        self.run = run
+        self.signature: tuple | None = None
+
+    def __call__(self, args: list):
+        self.signature = input_signature(args)
+        return self.run(args)
+
+
 class GraphedPhase:
     """One phase of a program, captured on its first call and replayed on every later call.
 
@@ -87,13 +129,19 @@ class GraphedPhase:
     the storage addresses of inputs that stay put between calls (read where they are; at a replay the
     argument in their place is not looked at, and may be None); inputs elsewhere are copied into
     graph-owned buffers on every replay. ``kept``: indices of the outputs that the program returns (None:
-    all); the phase keeps only those between calls. The others only feed a later phase, which frees them
+    all); the phase keeps only those between calls. ``warm_signature``: the ``input_signature`` of the phase's
+    last warm-up call (None: unknown, run it once uncaptured before the capture). The others only feed a later phase, which frees them
     at their last use while it is captured, so its graph may reuse their memory, as the step does
     when it is not graphed; at a replay they come back as None.
     """
 
-    def __init__(self, run: Callable, pool, fixed: set[int], kept: set[int] | None = None) -> None:
+    def __init__(self, run: Callable, pool, fixed: set[int], kept: set[int] | None = None,
+                 warm_signature: tuple | None = None) -> None:
         self.run = run
+        self.warm_signature = warm_signature
+        self.capture_differences: list[str] | None = None
+        """How the capture's inputs differed from the warm-up's (None until captured; empty: they did not,
+        and the phase was captured without running it uncaptured first)."""
         self.pool = pool
         self.fixed = fixed
         self.kept = kept
@@ -125,9 +173,11 @@ class GraphedPhase:
         for i, arg in enumerate(inputs):
             if isinstance(arg, torch.Tensor) and _storage(arg) not in self.fixed:
                 inputs[i] = self.buffers[i] = arg.clone()
-        # One run outside the capture on exactly these inputs: whatever it compiles or initialises lazily for
-        # them (a recompile for new input properties, say) happens here, not inside the capture.
-        self.run(list(inputs))
+        # Inputs unlike the warm-up's: one run outside the capture on exactly these inputs, so that whatever it
+        # compiles or initialises lazily for them (a recompile for new input properties) happens here.
+        self.capture_differences = signature_differences(self.warm_signature, input_signature(inputs))
+        if self.capture_differences:
+            self.run(list(inputs))
         self.graph = torch.cuda.CUDAGraph()
         try:
             with torch.compiler.set_stance("fail_on_recompile"), \

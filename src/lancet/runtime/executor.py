@@ -29,7 +29,7 @@ import torch
 from lancet.capture.trace import TrainGraph
 from lancet.graph.regions import MIN_KERNELS
 from lancet.runtime.compile import CompileEvent, CompileReport, RegionCompiler
-from lancet.runtime.cudagraph import GraphedPhase, warm_up_on_side_stream, why_not_graphed
+from lancet.runtime.cudagraph import GraphedPhase, WarmPhase, warm_up_on_side_stream, why_not_graphed
 from lancet.runtime.program import build_program, forward_outputs_kept
 from lancet.step.train_step import StepResult
 
@@ -130,12 +130,21 @@ class StepExecutor:
             return run()
         if self.steps < self.config.warmup:
             self._side = self._side or torch.cuda.Stream()
+            for phase in self.program.phases:
+                if not isinstance(phase.impl, WarmPhase):
+                    phase.impl = WarmPhase(phase.module.forward)
             return warm_up_on_side_stream(run, self._side)
         if self._params is None:
             self._arm_graphs(params)
         elif any(p is not q for p, q in zip(params, self._params)):
             raise ValueError("the CUDA graphs were captured for other parameter tensors; update parameters in place")
         return run()
+
+    def capture_reruns(self) -> dict[str, list[str]]:
+        """Phase -> how its capture inputs differed from its warm-up inputs, for each graphed phase that had to
+        run once uncaptured before its capture (that run holds its inputs and all its outputs at once)."""
+        return {phase.phase: phase.impl.capture_differences for phase in self.program.phases
+                if isinstance(phase.impl, GraphedPhase) and phase.impl.capture_differences}
 
     def close(self) -> None:
         """Destroy this executor's CUDA graphs and what they own (nothing to do for other executors).
@@ -157,7 +166,8 @@ class StepExecutor:
         pool = torch.cuda.graph_pool_handle()
         for phase in self.program.phases:
             kept = forward_outputs_kept(self.program.top, phase)
-            phase.impl = GraphedPhase(phase.module.forward, pool, fixed, kept)
+            warm = phase.impl.signature if isinstance(phase.impl, WarmPhase) else None
+            phase.impl = GraphedPhase(phase.module.forward, pool, fixed, kept, warm)
 
 
 def make_executor(train_graph: TrainGraph, kind: str | None = None, *,
