@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -52,6 +53,8 @@ class CompileReport:
     """Compiled regions that reused another region's compiled function."""
     interpreted_regions: dict[str, int] = field(default_factory=dict)
     """Regions run as traced, by reason (``dynamic``: data-dependent sizes; ``small``: too few kernels)."""
+    failed: list[str] = field(default_factory=list)
+    """Regions whose compile failed, each with the first line of the error; they run as traced."""
     seconds: float = 0.0
     """Wall time of the first calls of the compiled functions (compile plus one run)."""
     cache: dict[str, int] = field(default_factory=dict)
@@ -66,7 +69,9 @@ class CompileReport:
         misses = self.cache.get("fxgraph_cache_miss", 0)
         return (f"{self.compiled_regions} of {self.regions} regions compiled ({self.compiles} distinct, "
                 f"{self.shared} shared) in {self.seconds:.1f} s; Inductor cache {hits} hit(s), {misses} miss(es)"
-                + (f"; run as traced: {interpreted}" if interpreted else ""))
+                + (f"; run as traced: {interpreted}" if interpreted else "")
+                + (f"; {len(self.failed)} failed to compile and run as traced, first: {self.failed[0]}"
+                   if self.failed else ""))
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,8 @@ class RegionCompiler:
         self.report = CompileReport()
         self._compiled = functions if functions is not None else {}
         """Region key -> compiled function; pass one store to several compilers to share across programs."""
+        self._failed: dict[str, Exception] = {}
+        """Region key -> the error its compile raised (regions alike run as traced without trying again)."""
 
     def attach(self, call: RegionCall) -> None:
         """Make ``call`` compile itself on its first call, then run compiled."""
@@ -139,11 +146,26 @@ class RegionCompiler:
                                                     **compile_options(self.backend))
             call.impl = self._compiled[key]
             begin, before = time.perf_counter(), _counters()
-            result = call.impl(*args)
+            if key in self._failed:
+                return self._run_as_traced(call, args, self._failed[key])
+            try:
+                result = call.impl(*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                self._failed[key] = error
+                return self._run_as_traced(call, args, error)
             self._account(call, time.perf_counter() - begin, before, shared)
             return result
 
         call.impl = first_call
+
+    def _run_as_traced(self, call: RegionCall, args: tuple, error: Exception):
+        """A region whose compile failed runs as traced from now on; the report and a warning say which."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        what = f"{call.region.phase} region {call.region.index} ({type(error).__name__}: {first_line})"
+        self.report.failed.append(what)
+        warnings.warn(f"lancet: compiling {what} failed; it runs as traced (slower, same values)", stacklevel=2)
+        call.impl = call.module.forward
+        return call.impl(*args)
 
     def _account(self, call: RegionCall, seconds: float, before: dict[str, int], shared: bool) -> None:
         report = self.report
