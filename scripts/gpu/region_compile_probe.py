@@ -38,11 +38,16 @@ def attempt(name: str, gate: str, group) -> None:
         print(f"{name}: ok, loss {loss:.4f}; attention ops {targets}", flush=True)
     except Exception as error:  # noqa: BLE001 - the probe reports every failure
         print(f"{name}: FAILED {type(error).__name__}: {str(error).splitlines()[0]}; attention ops {targets}")
-        traceback.print_exc(limit=-12)
+        traceback.print_exc(limit=-16)
+
+
+def _reraise(self, call, args, error):
+    raise error
 
 
 def main() -> None:
     gate = sys.argv[1] if len(sys.argv) > 1 else "switch"
+    compile_mod.RegionCompiler._run_as_traced = _reraise  # a failed compile raises here (no fallback)
     torch.cuda.set_device(0)
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("nccl", init_method=f"file://{os.path.join(tmp, 's')}", rank=0, world_size=1,
