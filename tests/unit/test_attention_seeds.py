@@ -52,3 +52,21 @@ def test_backward_with_dropout_keeps_the_forwards_seeds():
     before = [(n.name, n.args) for n in gm.graph.nodes]
     assert detach_attention_seeds(gm) == 0
     assert [(n.name, n.args) for n in gm.graph.nodes] == before
+
+
+def test_cudnn_backward_gets_its_seed_on_the_querys_device():
+    """cuDNN's backward refuses a host seed next to GPU tensors (measured on an H200, run 13)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        query = torch.empty(2, 4, 8, 16, device="cuda", dtype=torch.bfloat16)
+        seed = torch.empty((), dtype=torch.int64, device="cuda")
+    graph = fx.Graph()
+    q, grad, out, lse, s, o = (graph.placeholder(name) for name in ("q", "grad", "out", "lse", "seed", "offset"))
+    q.meta["val"], s.meta["val"], o.meta["val"] = query, seed, seed
+    backward = graph.call_function(aten._scaled_dot_product_cudnn_attention_backward.default,
+                                   (grad, q, q, q, out, lse, s, o, None, None, None, 8, 8, 0.0, True))
+    graph.output(backward)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert detach_attention_seeds(gm) == 2
+    assert {backward.args[i].kwargs["device"].type for i in (6, 7)} == {"cuda"}

@@ -49,17 +49,29 @@ def _seed_slots(node: fx.Node) -> list[tuple[int, str]]:
             if name in SEED_ARGUMENTS and isinstance(_argument(node, i, name), fx.Node)]
 
 
+ON_QUERY_DEVICE = (aten._scaled_dot_product_cudnn_attention_backward.default,)
+"""Backwards that check their RNG state lives on the query's device (measured: cuDNN's refuses a host seed)."""
+
+
+def _device_for(node: fx.Node) -> torch.device:
+    query = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], fx.Node) else None
+    if node.target in ON_QUERY_DEVICE and isinstance(query, torch.Tensor):
+        return query.device
+    return torch.device("cpu")
+
+
 def _empty_like_on_host(graph: fx.Graph, before: fx.Node, source: fx.Node) -> fx.Node:
     value = source.meta.get("val")
     shape = list(value.shape) if isinstance(value, torch.Tensor) else []
     dtype = value.dtype if isinstance(value, torch.Tensor) else torch.int64
+    device = _device_for(before)
     with graph.inserting_before(before):
-        empty = graph.call_function(aten.empty.memory_format, (shape,), {"dtype": dtype, "device": torch.device("cpu")})
+        empty = graph.call_function(aten.empty.memory_format, (shape,), {"dtype": dtype, "device": device})
     empty.meta = {k: v for k, v in before.meta.items() if k != "val"}
     mode = getattr(value, "fake_mode", None)
     if mode is not None:
         with mode:
-            empty.meta["val"] = torch.empty(shape, dtype=dtype, device="cpu")
+            empty.meta["val"] = torch.empty(shape, dtype=dtype, device=device)
     return empty
 
 
