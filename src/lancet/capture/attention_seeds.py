@@ -5,8 +5,9 @@ and its backward takes them back. Where those tensors live depends on the moment
 forward runs normally, on the GPU while it is captured into a CUDA graph (torch's own meta kernels note
 this). A compiled backward region that first ran on the host tensors then sees GPU tensors at capture time,
 its guards fail, and it would recompile inside the capture. Without dropout the backward never reads them,
-so this rewrite feeds it a fresh, empty host tensor of the same shape and dtype, made inside the backward,
-and the forward no longer hands anything that changes with capture to the backward.
+so this rewrite feeds it a fresh, empty tensor of the same shape and dtype, made inside the backward (on the
+host; on the query's device for backwards that check it), and the forward no longer hands anything that
+changes with capture to the backward.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _device_for(node: fx.Node) -> torch.device:
     return torch.device("cpu")
 
 
-def _empty_like_on_host(graph: fx.Graph, before: fx.Node, source: fx.Node) -> fx.Node:
+def _empty_seed(graph: fx.Graph, before: fx.Node, source: fx.Node) -> fx.Node:
     value = source.meta.get("val")
     shape = list(value.shape) if isinstance(value, torch.Tensor) else []
     dtype = value.dtype if isinstance(value, torch.Tensor) else torch.int64
@@ -90,7 +91,7 @@ def detach_attention_seeds(gm: fx.GraphModule) -> int:
             continue
         for index, name in _seed_slots(node):
             source = _argument(node, index, name)
-            empty = _empty_like_on_host(graph, node, source)
+            empty = _empty_seed(graph, node, source)
             if index < len(node.args):
                 node.update_arg(index, empty)
             else:

@@ -144,10 +144,10 @@ class RegionCompiler:
                 module = inline_lancet_ops(call.module, args)
                 self._compiled[key] = torch.compile(module, backend=self.backend, fullgraph=True, dynamic=False,
                                                     **compile_options(self.backend))
-            call.impl = self._compiled[key]
-            begin, before = time.perf_counter(), _counters()
             if key in self._failed:
                 return self._run_as_traced(call, args, self._failed[key])
+            call.impl = self._compiled[key]
+            begin, before = time.perf_counter(), _counters()
             try:
                 result = call.impl(*args)
             except torch._dynamo.exc.TorchDynamoException as error:

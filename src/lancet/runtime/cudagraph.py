@@ -12,8 +12,8 @@ property a compiled region guards on (device, dtype, shape, strides, aliasing)
 from those of its last warm-up call first runs once more, uncaptured, on exactly
 those inputs, so that nothing compiles inside the capture (a recompile there is
 an error); that run keeps the phase's inputs alive while it makes all of its
-outputs, so a phase whose inputs are as in the warm-up skips it; the phases share one memory pool, so the forward's
-outputs that the backward reads stay where the backward graph expects them, and
+outputs, so a phase whose inputs are as in the warm-up skips it. The phases
+share one memory pool, so the forward's outputs that the backward reads stay where the backward graph expects them, and
 the backward, which frees them at their last use while it is captured, reuses
 their memory as the step does without graphs. Each collective's start and its
 wait lie in the same phase, so in the same graph. Inputs that live at fixed
@@ -129,10 +129,11 @@ class GraphedPhase:
     the storage addresses of inputs that stay put between calls (read where they are; at a replay the
     argument in their place is not looked at, and may be None); inputs elsewhere are copied into
     graph-owned buffers on every replay. ``kept``: indices of the outputs that the program returns (None:
-    all); the phase keeps only those between calls. ``warm_signature``: the ``input_signature`` of the phase's
-    last warm-up call (None: unknown, run it once uncaptured before the capture). The others only feed a later phase, which frees them
+    all); the phase keeps only those between calls. The others only feed a later phase, which frees them
     at their last use while it is captured, so its graph may reuse their memory, as the step does
-    when it is not graphed; at a replay they come back as None.
+    when it is not graphed; at a replay they come back as None. ``warm_signature``: the
+    ``input_signature`` of the phase's last warm-up call (None: unknown, so it runs once uncaptured
+    before the capture).
     """
 
     def __init__(self, run: Callable, pool, fixed: set[int], kept: set[int] | None = None,
