@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lancet.app import cli
-from lancet.app.bench import BenchOptions, is_known_variant, split_variant
+from lancet.app.bench import BenchOptions, check_parts_divide_batch, is_known_variant, split_variant, variant_parts
 from lancet.measure.phases import phase_gaps, phase_metrics
 from lancet.measure.trace_metrics import STEP_ANNOTATION
 from lancet.runtime.executor import ExecutorConfig, ExecutorError, check_executor_device
@@ -24,6 +24,13 @@ def test_variant_names_with_executors():
         assert not is_known_variant(name)
     with pytest.raises(ValueError, match="need --plan"):
         BenchOptions(variants=["lancet:compiled"]).validate()
+
+
+def test_part_counts_must_divide_the_rank_batch():
+    assert [variant_parts(v) for v in ("tutel-d4:cudagraph", "part-d2", "captured", "lancet")] == [4, 2, None, None]
+    check_parts_divide_batch(["eager", "tutel-d2", "part-d2"], 2)
+    with pytest.raises(ValueError, match=r"tutel-d4, part-d3 split the batch.*batch of 2 samples"):
+        check_parts_divide_batch(["tutel-d2", "tutel-d4", "part-d3"], 2)
 
 
 def test_executor_config_is_checked():

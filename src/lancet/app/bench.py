@@ -56,6 +56,25 @@ def _is_known_base(base: str) -> bool:
     return base.startswith(TUTEL_PREFIX) and base[len(TUTEL_PREFIX):].isdigit() and int(base[len(TUTEL_PREFIX):]) >= 1
 
 
+def variant_parts(name: str) -> int | None:
+    """How many parts a ``tutel-dN`` or ``part-dN`` variant splits the batch into (None for other variants)."""
+    from lancet.app.variant_runners import PART_PREFIX
+
+    base, _ = split_variant(name)
+    for prefix in (TUTEL_PREFIX, PART_PREFIX):
+        if base.startswith(prefix) and base[len(prefix):].isdigit():
+            return int(base[len(prefix):])
+    return None
+
+
+def check_parts_divide_batch(variants: list[str], batch_size: int) -> None:
+    """Refuse, before anything runs, variants whose part count does not divide the rank's batch."""
+    bad = [v for v in variants if (parts := variant_parts(v)) is not None and batch_size % parts]
+    if bad:
+        raise ValueError(f"variant(s) {', '.join(bad)} split the batch into parts, but the rank's batch of "
+                         f"{batch_size} samples does not divide into that many; choose N dividing {batch_size}")
+
+
 def is_known_variant(name: str) -> bool:
     from lancet.runtime.executor import EXECUTORS
 
@@ -282,6 +301,7 @@ def bench_worker(run: RunConfig, opts: BenchOptions) -> list[dict]:
 
     with rank_runtime(run.network, run.collective_timeout, run.emulation()) as runtime:
         session = build_session(run, runtime)
+        check_parts_divide_batch(opts.variants, session.batch(0)[0].shape[0])
         plan = load_plan(opts.plan, session.identity) if opts.plan else None
         resident = torch.cuda.memory_allocated(runtime.device) if runtime.device.type == "cuda" else 0
         initial = [p.detach().clone() for p in session.params]
