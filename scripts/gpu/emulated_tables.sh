@@ -18,15 +18,18 @@
 #   BUDGET_S [560] or DEADLINE (epoch seconds): no step starts when fewer than NEED_S [120] seconds are left
 #   OUT [out] (set by the GPU machine): results in EMULATED_DIR [$OUT/emulated; /tmp/emulated with PACK=1],
 #            logs in its log.txt
-#   PACK [0]: 1 packs EMULATED_DIR into $OUT/emulated.tgz (and the log beside it): two files back from the
-#            device, which returns at most 8. To resume in a later call: unpack it into a carried folder,
+#   PACK [0]: 1 packs EMULATED_DIR into $OUT/emulated.tgz (and the log beside it) every 30 s and after every
+#            step: two files back from the device, which returns at most 8, holding what was done when a time
+#            limit ended the call (a bench's partial_bench_*.json: the variants it had measured). To resume in a
+#            later call: unpack it into a carried folder,
 #            e.g. `mkdir -p .carry && tar xzf emulated.tgz -C .carry`, and call with EMULATED_DIR=.carry/emulated
 #            and carry [".carry"]. Optimize's predicted timelines go to /tmp/emulated_pred (not returned).
 #   MEASURED_DIR [docs/data]: measured_<model>_w<W>_<regime>.json there is printed beside the emulated bench
 #
-# Time on one H200 (estimate, not measured: runs 5-7 on 1-2 H200s): nl12 b48 profile ~1.5 min, optimize ~1.5,
-# bench of 7 variants ~2.5; nl24 b24 profile ~2.5, optimize ~2.5, bench ~5; profile-comm ~0.5 each; the
-# self-test ~1. Defaults (2 models x W 4, 8 x ib100, ib400): about 60 min in all; nl12 alone about 25 min.
+# Time on one H200 (nl24 b24, W=8, measured in run 14 of docs/results.md; nl12 b48 estimated from runs 9-10):
+# profile-comm ~15 s each; nl24 profile 1.5 min, optimize 1.9 min, bench of 7 variants 4.5 min (cold Inductor
+# cache); nl12 about half of that; the self-test ~1 min. Defaults (2 models x W 4, 8 x ib100, ib400): about
+# 45 min in all, so several calls of at most 10 minutes; size BUDGET_S below the call's own time limit.
 set -u
 source scripts/gpu/env.sh
 MODELS=${MODELS:-"gpt2_moe_nl12_m768_nh16_sl512_b48 gpt2_moe_nl24_m1024_nh16_sl512_b24"}
@@ -49,10 +52,21 @@ done_or_run() {
     if [ -e "$output" ]; then echo "### done already: $output" >> "$LOG"; return 0; fi
     if [ "$(left)" -lt "${NEED_S:-120}" ]; then echo "### no time for $output: $(left)s left" | tee -a "$LOG"; return 1; fi
     echo "### $(( $(date +%s) - BEGIN ))s $*" | tee -a "$LOG"
+    local packer=""
+    if [ "${PACK:-0}" = 1 ]; then (while sleep 30; do pack; done) & packer=$!; fi
     "$@" > >(tee -a "$LOG" | grep -v "USDT\|Warning\|warn" | tail -${TAIL:-20}) 2>&1
     local rc=$?
+    [ -n "$packer" ] && kill "$packer" 2>/dev/null
     echo "### rc=$rc" | tee -a "$LOG"
+    pack
     return $rc
+}
+# pack: with PACK=1, the results so far into $OUT (after every step, so that a call ended by its time limit
+# still returns every step that finished before it)
+pack() {
+    [ "${PACK:-0}" = 1 ] || return 0
+    tar czf "$OUT/emulated.tgz.part" -C "$(dirname "$D")" "$(basename "$D")" && mv "$OUT/emulated.tgz.part" "$OUT/emulated.tgz"
+    cp "$LOG" "$OUT/emulated_log.txt"
 }
 emulate() { echo "--emulate $1:$2${SMS:+ --emulate-sms $SMS}"; }
 model_args() { case $1 in hf:*) echo "--hf-config ${1#hf:}";; *) echo "--model $1";; esac; }
@@ -99,6 +113,4 @@ for f in "$D"/bench_*.json; do
 done | tee -a "$LOG"
 echo; echo "## the emulated wire (profile-comm of the stand-ins), plan vs best tutel-dN" | tee -a "$LOG"
 python3 -m lancet.app.emulation_report "$D" 2>&1 | tee -a "$LOG"
-if [ "${PACK:-0}" = 1 ]; then  # one file back for everything (the device returns at most 8 files)
-    tar czf "$OUT/emulated.tgz" -C "$(dirname "$D")" "$(basename "$D")" && cp "$LOG" "$OUT/emulated_log.txt"
-fi
+pack  # one file back for everything (the device returns at most 8 files)
