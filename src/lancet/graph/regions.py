@@ -56,18 +56,42 @@ def node_phase(node: fx.Node) -> str:
 
 
 def _has_symbols(value: object) -> bool:
-    if isinstance(value, (torch.Tensor, torch.SymInt, torch.SymFloat, torch.SymBool)):
+    if isinstance(value, torch.Tensor):
+        if _concrete_layout(value):  # what free_symbols would look at, all plain ints: no symbol (and far faster)
+            return False
+        return bool(free_symbols(value))
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return bool(free_symbols(value))
     if isinstance(value, (list, tuple)):
         return any(_has_symbols(v) for v in value)
     return False
 
 
-def is_dynamic(node: fx.Node) -> bool:
-    """Whether the node makes or reads a value whose size (or value, for a size) is data-dependent."""
-    if _has_symbols(node.meta.get("val")):
+def _concrete_layout(tensor: torch.Tensor) -> bool:
+    """A strided tensor whose sizes, strides and storage offset are all plain ints."""
+    if tensor.layout != torch.strided:
+        return False
+    return (all(type(d) is int for d in tensor.shape) and all(type(d) is int for d in tensor.stride())
+            and type(tensor.storage_offset()) is int)
+
+
+def _val_has_symbols(node: fx.Node, memo: dict[fx.Node, bool] | None) -> bool:
+    if memo is None:
+        return _has_symbols(node.meta.get("val"))
+    if node not in memo:
+        memo[node] = _has_symbols(node.meta.get("val"))
+    return memo[node]
+
+
+def is_dynamic(node: fx.Node, memo: dict[fx.Node, bool] | None = None) -> bool:
+    """Whether the node makes or reads a value whose size (or value, for a size) is data-dependent.
+
+    ``memo``: per-node answers of earlier calls on the same graph (a graph's sizes do not change while it
+    is being cut into regions), so that each value is examined once.
+    """
+    if _val_has_symbols(node, memo):
         return True
-    return any(_has_symbols(arg.meta.get("val")) for arg in node.all_input_nodes)
+    return any(_val_has_symbols(arg, memo) for arg in node.all_input_nodes)
 
 
 @dataclass(slots=True, eq=False)
@@ -117,18 +141,19 @@ def _runs(graph: fx.Graph) -> list[list[fx.Node]]:
     return runs
 
 
-def _split_run(run: list[fx.Node], min_kernels: int) -> list[tuple[str, list[fx.Node]]]:
+def _split_run(run: list[fx.Node], min_kernels: int, memo: dict[fx.Node, bool]) -> list[tuple[str, list[fx.Node]]]:
     """(kind, nodes) pieces of one run: compiled static stretches, and what lies between them."""
-    stretches: list[list[fx.Node]] = []
+    stretches: list[tuple[bool, list[fx.Node]]] = []
     for node in run:
-        if stretches and is_dynamic(node) == is_dynamic(stretches[-1][0]):
-            stretches[-1].append(node)
+        dynamic = is_dynamic(node, memo)
+        if stretches and dynamic == stretches[-1][0]:
+            stretches[-1][1].append(node)
         else:
-            stretches.append([node])
+            stretches.append((dynamic, [node]))
     pieces: list[tuple[str, list[fx.Node]]] = []
-    for stretch in stretches:
-        compiled = not is_dynamic(stretch[0]) and _kernels(stretch) >= min_kernels
-        kind = STATIC if compiled else (DYNAMIC if is_dynamic(stretch[0]) else SMALL)
+    for dynamic, stretch in stretches:
+        compiled = not dynamic and _kernels(stretch) >= min_kernels
+        kind = STATIC if compiled else (DYNAMIC if dynamic else SMALL)
         if pieces and kind != STATIC and pieces[-1][0] != STATIC:
             merged = DYNAMIC if DYNAMIC in (kind, pieces[-1][0]) else SMALL
             pieces[-1] = (merged, pieces[-1][1] + stretch)
@@ -140,8 +165,9 @@ def _split_run(run: list[fx.Node], min_kernels: int) -> list[tuple[str, list[fx.
 def cut_regions(graph: fx.Graph, min_kernels: int = MIN_KERNELS) -> list[Region]:
     """The graph's regions in graph order (see the module docstring)."""
     regions: list[Region] = []
+    memo: dict[fx.Node, bool] = {}
     for run in _runs(graph):
-        for kind, nodes in _split_run(run, min_kernels):
+        for kind, nodes in _split_run(run, min_kernels, memo):
             regions.append(Region(len(regions), node_phase(nodes[0]), kind, nodes))
     return regions
 

@@ -56,6 +56,7 @@ from torch import fx
 from lancet.capture.trace import ForwardGraph
 from lancet.graph import meta, ops
 from lancet.graph.analysis import dispatch_stages
+from lancet.graph.lazy_module import lazy_graph_module
 from lancet.graph.roles import carries_tokens, collective_kind
 from lancet.moe.gates import capacity
 from lancet.passes.partition.axes import REPLICATED, Axis, Context, Inferred, NoRule, TOKEN, infer
@@ -420,7 +421,7 @@ def _copy_graph(forward: ForwardGraph) -> fx.GraphModule:
     value_map: dict[fx.Node, fx.Node] = {}
     out = graph.graph_copy(forward.graph, value_map)
     graph.output(out)
-    return fx.GraphModule(forward.gm, graph)
+    return lazy_graph_module(forward.gm, graph)  # searches rewrite many copies that never run
 
 
 def mark_dispatch_stages(graph: fx.Graph) -> list[list[fx.Node]]:
