@@ -9,22 +9,13 @@ from the reference variant's (default captured_cudagraph), and the phase gaps of
 
 from __future__ import annotations
 
-import re
 import sys
 from collections import Counter
 from pathlib import Path
 
+from lancet.measure.kernel_names import kernel_family as family
 from lancet.measure.phases import phase_gaps
 from lancet.measure.trace_metrics import _complete_events, _steps, load_trace
-
-_NOISE = re.compile(r"<.*>|\(.*\)|_\d+$|_[0-9a-f]{6,}")
-
-
-def family(name: str) -> str:
-    """A kernel name without template arguments, signatures and Inductor's numbered suffixes, cut to 60."""
-    stem = _NOISE.sub("", name)
-    stem = re.sub(r"(triton_\w+?_fused)_.*", r"\1", stem)
-    return stem[:60]
 
 
 def per_step(trace_path: Path) -> tuple[Counter, Counter, int]:

@@ -12,11 +12,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from lancet.measure.kernel_names import _NOISE, kernel_family as family
 from lancet.measure.phases import _phase_kernels
 from lancet.measure.trace_metrics import _complete_events, _span, load_trace
-
-sys.path.insert(0, str(Path(__file__).parent))
-from kernel_table import _NOISE, family  # noqa: E402
 
 
 def main() -> None:

@@ -119,6 +119,7 @@ def test_phase_gaps_split_short_and_long_idle_and_name_the_longest():
     assert gaps["gaps"] == 2
     assert gaps["small_gaps_ms"] == pytest.approx(0.002) and gaps["long_gaps_ms"] == pytest.approx(0.030)
     assert gaps["longest"] == [[pytest.approx(0.030), "kernel1", "kernel3"], [pytest.approx(0.002), "kernel0", "kernel1"]]
+    assert gaps["small_by_next"] == [[pytest.approx(0.002), 1, "kernel1"]]  # the 30 us gap is not a short one
     assert phase_gaps({"traceEvents": events[:3]}) == {}  # no kernels: a CPU trace
 
 
@@ -153,3 +154,13 @@ def test_phase_picture_sets_each_traces_last_forward_side_by_side(tmp_path, caps
     (tmp_path / "cpu.json").write_text(__import__("json").dumps({"traceEvents": events[:3]}))
     assert cli.main(["timeline", "--trace", str(tmp_path / "cpu.json"), "--phase", "forward", "--out", str(out)]) == 2
     assert "cpu.json: the trace has no GPU kernels launched inside a lancet/forward range" in capsys.readouterr().err
+
+
+def test_kernel_families_drop_what_varies_between_launches():
+    from lancet.measure.kernel_names import kernel_family
+
+    assert kernel_family("triton_poi_fused__to_copy_add_native_layer_norm_view_1") == "triton_poi_fused"
+    assert kernel_family("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>(int)") == \
+        "void at::native::reduce_kernel"
+    assert kernel_family("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"
+

@@ -409,9 +409,10 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
         gaps = (r.get("trace") or {}).get("forward_gaps")
         if gaps:
             longest = ", ".join(f"{ms:.3f} ms before {after[:40]}" for ms, _, after in gaps["longest"])
+            waited = ", ".join(f"{ms:.2f} ms in {n:.0f} before {name[:40]}" for ms, n, name in gaps.get("small_by_next", []))
             console.print(f"forward idle of {r['variant']}: {gaps['gaps']:.0f} gaps, {gaps['small_gaps_ms']:.2f} ms in "
-                          f"gaps under 10 us, {gaps['long_gaps_ms']:.2f} ms in longer ones; longest: {longest}",
-                          markup=False)
+                          f"gaps under 10 us, {gaps['long_gaps_ms']:.2f} ms in longer ones; longest: {longest}; "
+                          f"short gaps by the kernel after them: {waited}", markup=False)
     for r in rows:
         if r.get("compile") and r["compile"]["compiled_regions"]:
             report = r["compile"]

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import bisect
 import statistics
+from collections import Counter
 
+from lancet.measure.kernel_names import kernel_family
 from lancet.measure.trace_metrics import _complete_events, _is_gpu_trace, _launch_times, _span, _steps
 from lancet.sim.intervals import Intervals, merge_intervals, total_length
 from lancet.step.train_step import PHASE_ANNOTATION
@@ -79,7 +81,9 @@ def phase_gaps(trace: dict, phase: str = "forward", small_us: float = 10.0, top:
     """Where a phase's idle time lies ({} without a GPU trace or marks): per instance, medians over the
     profiled steps of the number of gaps, of the idle in gaps under ``small_us`` (the device running
     kernel after kernel, each waiting for the last) and in longer gaps (waits for the host, another
-    stream or an event); and the ``top`` longest gaps of all instances with the kernels on either side."""
+    stream or an event); the ``top`` longest gaps of all instances with the kernels on either side; and
+    ``small_by_next``: the idle in gaps under ``small_us`` per family of the kernel that waited
+    (``kernel_family``), as [ms per instance, gaps per instance, family], the 2 * ``top`` largest."""
     events = _complete_events(trace)
     if not _is_gpu_trace(events):
         return {}
@@ -96,7 +100,20 @@ def phase_gaps(trace: dict, phase: str = "forward", small_us: float = 10.0, top:
         "small_gaps_ms": median_ms(True),
         "long_gaps_ms": median_ms(False),
         "longest": [[d / _US_PER_MS, before, after] for d, before, after in longest],
+        "small_by_next": _small_gaps_by_next_family(per_instance, small_us, 2 * top),
     }
+
+
+def _small_gaps_by_next_family(per_instance: list[list[tuple[float, str, str]]], small_us: float,
+                               top: int) -> list[list]:
+    idle_us, count = Counter(), Counter()
+    for gaps in per_instance:
+        for duration, _, after in gaps:
+            if duration < small_us:
+                idle_us[kernel_family(after)] += duration
+                count[kernel_family(after)] += 1
+    n = len(per_instance)
+    return [[us / n / _US_PER_MS, count[name] / n, name] for name, us in idle_us.most_common(top)]
 
 
 def phase_metrics(trace: dict) -> dict[str, float]:
