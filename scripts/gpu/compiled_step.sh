@@ -2,12 +2,14 @@
 # The compiled, sync-free step on one GPU: GPU tests, then one bench of every executor and baseline.
 #
 #   GATE=switch bash scripts/gpu/compiled_step.sh      # MODEL, GATE, STEPS, BENCH_S, RAGGED=1 (also today's ragged step),
-#                                                      # PACK_CACHE=0 (no inductor.tgz: fewer, smaller files back)
+#                                                      # CACHE_CARRY=1: Inductor's cache from and to the
+#                                                      # next call (scripts/gpu/inductor_cache.sh)
 #
-# Logs, JSON, kernel time by family (kernels_TAG.md), the replayed forward's kernels in order (fwd_kernels_TAG.md) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor, packed into $OUT/inductor.tgz so a later call
-# can carry it back (compile then hits the cache).
+# Logs, JSON, kernel time by family (kernels_TAG.md), the replayed forward's kernels in order (fwd_kernels_TAG.md) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor (with CACHE_CARRY=1 restored from .carry/inductor.tgz first and packed
+# into $OUT/inductor.tgz.part-* after, so that a later call's compile hits it).
 source scripts/gpu/env.sh
-export TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
+source scripts/gpu/inductor_cache.sh
+restore_inductor_cache
 M="${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}"
 G="${GATE:-switch}"
 TAG="${TAG:-${G}}"
@@ -44,9 +46,7 @@ if [ "${RAGGED:-0}" = 1 ]; then  # the forward and backward of today's step besi
             --out "$OUT/${phase}_$TAG.png" || true
     done
 fi
-if [ "${PACK_CACHE:-1}" = 1 ]; then
-    tar czf "$OUT/inductor.tgz" -C "$PWD" .cache/inductor 2>/dev/null && ls -la "$OUT/inductor.tgz"
-fi
+pack_inductor_cache
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

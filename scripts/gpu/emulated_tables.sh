@@ -25,6 +25,8 @@
 #            e.g. `mkdir -p .carry && tar xzf emulated.tgz -C .carry`, and call with EMULATED_DIR=.carry/emulated
 #            and carry [".carry"]. Optimize's predicted timelines go to /tmp/emulated_pred (not returned).
 #   MEASURED_DIR [docs/data]: measured_<model>_w<W>_<regime>.json there is printed beside the emulated bench
+#   CACHE_CARRY [0]: 1 restores Inductor's cache from .carry/inductor.tgz and packs it back at the end
+#            (scripts/gpu/inductor_cache.sh): later calls compile from the cache
 #
 # Time on one H200 (nl24 b24, W=8, measured in run 14 of docs/results.md; nl12 b48 estimated from runs 9-10):
 # profile-comm ~15 s each; nl24 profile 1.5 min, optimize 1.9 min, bench of 7 variants 4.5 min (cold Inductor
@@ -32,6 +34,8 @@
 # 45 min in all, so several calls of at most 10 minutes; size BUDGET_S below the call's own time limit.
 set -u
 source scripts/gpu/env.sh
+source scripts/gpu/inductor_cache.sh  # CACHE_CARRY=1: Inductor's cache from and to the next call
+restore_inductor_cache
 MODELS=${MODELS:-"gpt2_moe_nl12_m768_nh16_sl512_b48 gpt2_moe_nl24_m1024_nh16_sl512_b24"}
 WORLDS=${WORLDS:-"4 8"}
 REGIMES=${REGIMES:-"ib100 ib400"}
@@ -114,3 +118,4 @@ done | tee -a "$LOG"
 echo; echo "## the emulated wire (profile-comm of the stand-ins), plan vs best tutel-dN" | tee -a "$LOG"
 python3 -m lancet.app.emulation_report "$D" 2>&1 | tee -a "$LOG"
 pack  # one file back for everything (the device returns at most 8 files)
+pack_inductor_cache
