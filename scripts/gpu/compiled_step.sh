@@ -51,12 +51,12 @@ python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 fmt = lambda v: "" if v is None else f"{v:.2f}"
-print("\n| bench | variant | executor | step ms | tokens/s | host issue ms | fwd GPU ms | fwd idle | peak GiB | compile s |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("\n| bench | variant | executor | step ms | tokens/s | host issue ms | fwd GPU ms | fwd idle | fwd replay ms (events) | peak GiB | compile s |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sorted(Path(sys.argv[1]).glob("bench_*.json")):
     for r in json.loads(path.read_text())["results"]:
         t, c = r.get("trace") or {}, r.get("compile") or {}
         print(f"| {path.stem} | {r['variant']} | {r.get('executor') or ''} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | "
               f"{fmt(r.get('host_issue_ms'))} | {fmt(t.get('forward_gpu_ms'))} | {fmt(t.get('forward_idle_ms'))} | "
-              f"{fmt(r.get('peak_mem_gib'))} | {fmt(c.get('seconds'))} |")
+              f"{fmt((r.get('replay_ms') or {}).get('forward'))} | {fmt(r.get('peak_mem_gib'))} | {fmt(c.get('seconds'))} |")
 PY

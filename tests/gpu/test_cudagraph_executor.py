@@ -149,6 +149,23 @@ def test_bf16_moe_step_is_captured_without_an_uncaptured_run(group):
         assert _relative(got_loss, want_loss) < 1e-2
 
 
+def test_replays_are_timed_by_events_only_while_asked(group):
+    torch.manual_seed(0)
+    step = TrainStep(_DenseModel(group).cuda(), group)
+    batches = _batches(97)
+    graphed = make_executor(capture_step(step, *batches[0]), "cudagraph")
+    params = [p.detach().clone() for p in step.parameters()]
+    graphed.time_replays(True)  # before the graphs exist: the capture step is not a replay
+    _run(graphed, params, batches * 3)
+    timed = graphed.replay_ms()
+    replays = len(batches) * 3 - graphed.config.warmup - 1
+    assert set(timed) == {"forward", "backward"}
+    assert all(len(ms) == replays and all(0 < m < 1e3 for m in ms) for ms in timed.values())
+    graphed.time_replays(False)
+    _run(graphed, params, batches)
+    assert graphed.replay_ms() == {}
+
+
 def test_ragged_step_runs_compiled_and_names_the_host_wait(group):
     cfg = model_config("gpt2_moe_nl2_m64_nh4_sl16_b4", vocab_size=97, gate=GateConfig(kind="topk", topk=2))
     step = TrainStep(build_model(cfg, group, device=torch.device("cuda", 0)), group)

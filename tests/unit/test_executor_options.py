@@ -164,3 +164,31 @@ def test_kernel_families_drop_what_varies_between_launches():
         "void at::native::reduce_kernel"
     assert kernel_family("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT") == "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_NNT"
 
+
+def test_bench_times_replays_only_over_the_timed_steps():
+    """A runner that can time its replays is asked to after the warm-up and stops after the timed steps."""
+    from types import SimpleNamespace
+
+    from lancet.app.bench import _timed_steps
+
+    calls = []
+
+    class Replays:
+        def time_replays(self, on):
+            calls.append(("timing", on))
+
+        def replay_ms(self):
+            return {"forward": [1.0, 2.0]}
+
+    def one_step(step):
+        calls.append(("step", step))
+        return 0.0
+
+    runtime = SimpleNamespace(synchronize=lambda: None)
+    collection = SimpleNamespace(after_step=lambda step: None)
+    replay_ms: dict = {}
+    opts = BenchOptions(variants=["captured"], steps=2, warmup=1)
+    _timed_steps(one_step, opts, runtime, collection, [], Replays(), replay_ms)
+    assert calls == [("step", 0), ("timing", True), ("step", 1), ("step", 2), ("timing", False)]
+    assert replay_ms == {"forward": [1.0, 2.0]}
+

@@ -153,6 +153,9 @@ class VariantResult:
     """What compiling the step's regions cost (``lancet.runtime.compile.CompileReport``)."""
     emulated: str | None = None
     """``W:REGIME`` when the row was measured on an emulated rank (``--emulate``)."""
+    replay_ms: dict[str, float] | None = None
+    """CUDA-graph variants: phase -> median device ms of its replays over the timed steps, by CUDA events
+    (no profiler running): the phase's window to set beside the profiled one (``trace``)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -184,12 +187,15 @@ def _slowest_rank(values: list[float], group: dist.ProcessGroup) -> list[float]:
 
 
 def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCollection,
-                 issue_ms: list[float]) -> list[float]:
+                 issue_ms: list[float], replays=None, replay_ms: dict[str, list[float]] | None = None) -> list[float]:
     """Warm-up, then wall-clock ms of each timed step on this rank (collection between steps, untimed);
-    ``one_step`` returns its host issue ms, which are appended to ``issue_ms``."""
+    ``one_step`` returns its host issue ms, which are appended to ``issue_ms``. ``replays``: an executor
+    whose graph replays are timed by events during the timed steps, appended per phase to ``replay_ms``."""
     for step in range(opts.warmup):
         one_step(step)
         collection.after_step(step)
+    if replays is not None:
+        replays.time_replays(True)
     times = []
     for step in range(opts.warmup, opts.warmup + opts.steps):
         runtime.synchronize()
@@ -198,6 +204,10 @@ def _timed_steps(one_step, opts: BenchOptions, runtime, collection: ScheduledCol
         runtime.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
         collection.after_step(step)
+    if replays is not None:
+        for phase, ms in replays.replay_ms().items():
+            replay_ms.setdefault(phase, []).extend(ms)
+        replays.time_replays(False)
     return times
 
 
@@ -235,6 +245,7 @@ class _VariantState:
     round_ms: list[float] = field(default_factory=list)
     trace: dict = field(default_factory=dict)
     peak_gib: float | None = None
+    replay_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, opts: BenchOptions,
@@ -268,7 +279,9 @@ def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, 
         torch.cuda.reset_peak_memory_stats(runtime.device)
         held_elsewhere = torch.cuda.memory_allocated(runtime.device) - resident
     with ScheduledCollection(run.gc_every) as collection:
-        times = _slowest_rank(_timed_steps(one_step, opts, runtime, collection, state.issue_ms), runtime.group)
+        replays = state.runner if hasattr(state.runner, "time_replays") and runtime.device.type == "cuda" else None
+        times = _slowest_rank(_timed_steps(one_step, opts, runtime, collection, state.issue_ms, replays,
+                                           state.replay_ms), runtime.group)
         if profile:
             state.trace = _profiled_steps(one_step, variant, state.forward_a2a, opts, runtime)
     state.times.extend(times)
@@ -287,6 +300,7 @@ def _result(variant: str, state: _VariantState, session, plan, run: RunConfig) -
     result.executor = state.executor
     result.host_issue_ms = statistics.median(state.issue_ms) if state.issue_ms else None
     result.compile = state.compile_report()
+    result.replay_ms = {phase: statistics.median(ms) for phase, ms in state.replay_ms.items() if ms} or None
     base = split_variant(variant)[0]
     if plan is not None and base in PLAN_VARIANTS:
         result.predicted = plan.variant(base).predicted
@@ -410,9 +424,17 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
         if gaps:
             longest = ", ".join(f"{ms:.3f} ms before {after[:40]}" for ms, _, after in gaps["longest"])
             waited = ", ".join(f"{ms:.2f} ms in {n:.0f} before {name[:40]}" for ms, n, name in gaps.get("small_by_next", []))
+            waited = f"; short gaps by the kernel after them: {waited}" if waited else ""
+            trace = r.get("trace") or {}
+            replayed = (r.get("replay_ms") or {}).get("forward")
+            unprofiled = "" if replayed is None or "forward_gpu_ms" not in trace else (
+                f"; forward replay by events, no profiler: {replayed:.2f} ms against the profiled window's "
+                f"{trace['forward_gpu_ms']:.2f}, so about "
+                f"{max(0.0, replayed - (trace['forward_gpu_ms'] - trace.get('forward_idle_ms', 0.0))):.2f} ms idle "
+                f"without a profiler (the replay less the profiled kernels' busy time)")
             console.print(f"forward idle of {r['variant']}: {gaps['gaps']:.0f} gaps, {gaps['small_gaps_ms']:.2f} ms in "
-                          f"gaps under 10 us, {gaps['long_gaps_ms']:.2f} ms in longer ones; longest: {longest}; "
-                          f"short gaps by the kernel after them: {waited}", markup=False)
+                          f"gaps under 10 us, {gaps['long_gaps_ms']:.2f} ms in longer ones; longest: {longest}"
+                          f"{waited}{unprofiled}", markup=False)
     for r in rows:
         if r.get("compile") and r["compile"]["compiled_regions"]:
             report = r["compile"]

@@ -108,6 +108,7 @@ class StepExecutor:
         self.steps = 0
         self._params: list[torch.Tensor] | None = None
         self._side: torch.cuda.Stream | None = None
+        self._timing = False
 
     @property
     def compile_report(self) -> CompileReport:
@@ -140,6 +141,23 @@ class StepExecutor:
             raise ValueError("the CUDA graphs were captured for other parameter tensors; update parameters in place")
         return run()
 
+    def time_replays(self, on: bool) -> None:
+        """Start timing every graph replay with CUDA events (forgetting earlier timings), or stop.
+
+        Each phase's device time then comes without a profiler (``replay_ms``): a profiler's own cost
+        per kernel can widen the gaps it reports. Nothing is timed for phases that are not graphed.
+        """
+        self._timing = on
+        for phase in self._graphed():
+            phase.impl.replay_events = [] if on else None
+
+    def replay_ms(self) -> dict[str, list[float]]:
+        """Phase -> ms of each replay timed since ``time_replays(True)`` (input copies and graph, by events)."""
+        return {phase.phase: phase.impl.replay_ms() for phase in self._graphed() if phase.impl.replay_events}
+
+    def _graphed(self) -> list:
+        return [phase for phase in self.program.phases if isinstance(phase.impl, GraphedPhase)]
+
     def capture_reruns(self) -> dict[str, list[str]]:
         """Phase -> how its capture inputs differed from its warm-up inputs, for each graphed phase that had to
         run once uncaptured before its capture (that run holds its inputs and all its outputs at once)."""
@@ -168,6 +186,7 @@ class StepExecutor:
             kept = forward_outputs_kept(self.program.top, phase)
             warm = phase.impl.signature if isinstance(phase.impl, WarmPhase) else None
             phase.impl = GraphedPhase(phase.module.forward, pool, fixed, kept, warm)
+            phase.impl.replay_events = [] if self._timing else None
 
 
 def make_executor(train_graph: TrainGraph, kind: str | None = None, *,
