@@ -12,7 +12,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from lancet.measure.kernel_names import _NOISE, kernel_family as family
+from lancet.measure.kernel_names import kernel_family as family, kernel_stem
 from lancet.measure.phases import _phase_kernels
 from lancet.measure.trace_metrics import _complete_events, _span, load_trace
 
@@ -37,7 +37,7 @@ def main() -> None:
         count[key] += 1
         idle[key] += gap
         if i < limit:
-            print(f"| {i} | {_NOISE.sub('', event.get('name', '?'))[:90]} | {stop - start:.1f} | {gap:.1f} |")
+            print(f"| {i} | {kernel_stem(event.get('name', '?'))[:90]} | {stop - start:.1f} | {gap:.1f} |")
     print(f"\n{len(kernels)} kernels, {sum(time.values()) / 1e3:.2f} ms busy, {sum(idle.values()) / 1e3:.3f} ms idle")
     print("| family | n | ms | idle before, ms |\n|---|---|---|---|")
     for key, n in count.most_common():

@@ -425,13 +425,7 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
             longest = ", ".join(f"{ms:.3f} ms before {after[:40]}" for ms, _, after in gaps["longest"])
             waited = ", ".join(f"{ms:.2f} ms in {n:.0f} before {name[:40]}" for ms, n, name in gaps.get("small_by_next", []))
             waited = f"; short gaps by the kernel after them: {waited}" if waited else ""
-            trace = r.get("trace") or {}
-            replayed = (r.get("replay_ms") or {}).get("forward")
-            unprofiled = "" if replayed is None or "forward_gpu_ms" not in trace else (
-                f"; forward replay by events, no profiler: {replayed:.2f} ms against the profiled window's "
-                f"{trace['forward_gpu_ms']:.2f}, so about "
-                f"{max(0.0, replayed - (trace['forward_gpu_ms'] - trace.get('forward_idle_ms', 0.0))):.2f} ms idle "
-                f"without a profiler (the replay less the profiled kernels' busy time)")
+            unprofiled = _unprofiled_forward(r)
             console.print(f"forward idle of {r['variant']}: {gaps['gaps']:.0f} gaps, {gaps['small_gaps_ms']:.2f} ms in "
                           f"gaps under 10 us, {gaps['long_gaps_ms']:.2f} ms in longer ones; longest: {longest}"
                           f"{waited}{unprofiled}", markup=False)
@@ -442,6 +436,18 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
                           f"({report['compiles']} distinct) in {report['seconds']:.1f} s, Inductor cache "
                           f"{report['cache'].get('fxgraph_cache_hit', 0)} hit(s) / "
                           f"{report['cache'].get('fxgraph_cache_miss', 0)} miss(es)", markup=False)
+
+
+def _unprofiled_forward(row: dict) -> str:
+    """The forward's replay timed without a profiler beside its profiled window ("" when either is missing)."""
+    trace = row.get("trace") or {}
+    replayed = (row.get("replay_ms") or {}).get("forward")
+    if replayed is None or "forward_gpu_ms" not in trace:
+        return ""
+    busy = trace["forward_gpu_ms"] - trace.get("forward_idle_ms", 0.0)
+    return (f"; forward replay by events, no profiler: {replayed:.2f} ms against the profiled window's "
+            f"{trace['forward_gpu_ms']:.2f}, so about {max(0.0, replayed - busy):.2f} ms idle without a profiler "
+            f"(the replay less the profiled kernels' busy time)")
 
 
 def _ms(value: float | None) -> str:

@@ -7,8 +7,11 @@ import re
 _NOISE = re.compile(r"<.*>|\(.*\)|_\d+$|_[0-9a-f]{6,}")
 
 
+def kernel_stem(name: str) -> str:
+    """A kernel name without template arguments, signatures and numbered or hashed suffixes."""
+    return _NOISE.sub("", name)
+
+
 def kernel_family(name: str) -> str:
-    """A kernel name without template arguments, signatures and Inductor's numbered suffixes, cut to 60."""
-    stem = _NOISE.sub("", name)
-    stem = re.sub(r"(triton_\w+?_fused)_.*", r"\1", stem)
-    return stem[:60]
+    """``kernel_stem`` with Inductor's fused-op names folded into their kind (``triton_poi_fused``), cut to 60."""
+    return re.sub(r"(triton_\w+?_fused)_.*", r"\1", kernel_stem(name))[:60]

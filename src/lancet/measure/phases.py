@@ -110,8 +110,9 @@ def _small_gaps_by_next_family(per_instance: list[list[tuple[float, str, str]]],
     for gaps in per_instance:
         for duration, _, after in gaps:
             if duration < small_us:
-                idle_us[kernel_family(after)] += duration
-                count[kernel_family(after)] += 1
+                family = kernel_family(after)
+                idle_us[family] += duration
+                count[family] += 1
     n = len(per_instance)
     return [[us / n / _US_PER_MS, count[name] / n, name] for name, us in idle_us.most_common(top)]
 

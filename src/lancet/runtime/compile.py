@@ -139,13 +139,13 @@ class RegionCompiler:
         """Make ``call`` compile itself on its first call, then run compiled."""
         def first_call(*args):
             key = region_key(call.module, args)
+            if key in self._failed:
+                return self._run_as_traced(call, args, self._failed[key])
             shared = key in self._compiled
             if not shared:
                 module = inline_lancet_ops(call.module, args)
                 self._compiled[key] = torch.compile(module, backend=self.backend, fullgraph=True, dynamic=False,
                                                     **compile_options(self.backend))
-            if key in self._failed:
-                return self._run_as_traced(call, args, self._failed[key])
             call.impl = self._compiled[key]
             begin, before = time.perf_counter(), _counters()
             try:

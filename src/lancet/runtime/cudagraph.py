@@ -13,9 +13,10 @@ from those of its last warm-up call first runs once more, uncaptured, on exactly
 those inputs, so that nothing compiles inside the capture (a recompile there is
 an error); that run keeps the phase's inputs alive while it makes all of its
 outputs, so a phase whose inputs are as in the warm-up skips it. The phases
-share one memory pool, so the forward's outputs that the backward reads stay where the backward graph expects them, and
-the backward, which frees them at their last use while it is captured, reuses
-their memory as the step does without graphs. Each collective's start and its
+share one memory pool, so the forward's outputs that the backward reads stay
+where the backward graph expects them, and the backward, which frees them at
+their last use while it is captured, reuses their memory as the step does
+without graphs. Each collective's start and its
 wait lie in the same phase, so in the same graph. Inputs that live at fixed
 addresses (parameters, updated in place by the optimizer; outputs of an earlier
 phase's graph) are read where they are; every other input (the batch) is copied
