@@ -5,7 +5,7 @@
 #                                                      # CACHE_CARRY=1: Inductor's cache from and to the
 #                                                      # next call (scripts/gpu/inductor_cache.sh)
 #
-# Logs, JSON, kernel time by family (kernels_TAG.md), the replayed forward's kernels in order (fwd_kernels_TAG.md) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor (with CACHE_CARRY=1 restored from .carry/inductor.tgz first and packed
+# Logs, JSON, kernel time by family (kernels_TAG.md), the replayed forwards' kernels in order (fwd_kernels_TAG_VARIANT.md, captured and part-d2) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor (with CACHE_CARRY=1 restored from .carry/inductor.tgz first and packed
 # into $OUT/inductor.tgz.part-* after, so that a later call's compile hits it).
 source scripts/gpu/env.sh
 source scripts/gpu/inductor_cache.sh
@@ -35,9 +35,12 @@ if [ "${RAGGED:-0}" = 1 ]; then
         --nproc 1 --steps "${STEPS:-10}" --warmup 3 --profile-steps 1 --variants captured:interpret \
         --json "$OUT/bench_${TAG}_ragged.json" --trace-dir /tmp/traces_ragged
 fi
-python3 scripts/gpu/kernel_table.py "/tmp/traces_$TAG" captured_cudagraph 14 > "$OUT/kernels_$TAG.md" 2>&1
-graphed="/tmp/traces_$TAG/captured_cudagraph/rank0.json"  # the replayed forward, kernel by kernel
-[ -f "$graphed" ] && python3 scripts/gpu/phase_kernels.py "$graphed" forward 3000 > "$OUT/fwd_kernels_$TAG.md" 2>&1
+{ python3 scripts/gpu/kernel_table.py "/tmp/traces_$TAG" captured_cudagraph 14
+  python3 scripts/gpu/kernel_table.py "/tmp/traces_$TAG" captured_cudagraph 40 --by-stem; } > "$OUT/kernels_$TAG.md" 2>&1
+for variant in captured_cudagraph part-d2; do  # a replayed forward, kernel by kernel
+    graphed="/tmp/traces_$TAG/$variant/rank0.json"
+    [ -f "$graphed" ] && python3 scripts/gpu/phase_kernels.py "$graphed" forward 3000 > "$OUT/fwd_kernels_${TAG}_$variant.md" 2>&1
+done
 if [ "${RAGGED:-0}" = 1 ]; then  # the forward and backward of today's step beside the compiled ones
     for phase in forward backward; do
         $LANCET timeline --phase $phase --trace /tmp/traces_ragged/captured_interpret/rank0.json --label "ragged, interpreted" \
