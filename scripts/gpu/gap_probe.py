@@ -1,6 +1,6 @@
 """How long the GPU idles before each kind of kernel, in a CUDA graph and in a stream the host keeps full.
 
-    python3 scripts/gpu/gap_probe.py [--json OUT.json] [--tokens 12288] [--dim 1024]
+    python3 scripts/gpu/gap_probe.py [--json OUT.json] [--tokens 12288] [--dim 1024] [--triton-gemm]
 
 The replayed forward of the compiled step waits 0.3-0.8 us before a Triton kernel but 6-10 us before
 each cuBLAS GEMM, cuDNN attention kernel and radix-sort pass (docs/results.md, run 15). This probe runs
@@ -9,8 +9,9 @@ eager launches with the host far ahead, and prints per chain: kernels, their bus
 whole chain timed by CUDA events with no profiler, and the idle per kernel that implies. Variants
 separate candidate causes: the kernel kind itself (GEMM after GEMM), the switch from a kernel with little
 shared memory to one with much (Triton then GEMM, with and without the Triton kernel's preferred
-shared-memory carveout set to the maximum), graph replay against stream launch, and cuBLAS against
-cuBLASLt. Needs a CUDA GPU and Triton; about a minute on an H200.
+shared-memory carveout set to the maximum), graph replay against stream launch, cuBLAS against
+cuBLASLt and (--triton-gemm) against an Inductor Triton GEMM, cuDNN attention against FlashAttention-2.
+Needs a CUDA GPU and Triton; about a minute on an H200 (more with --triton-gemm).
 """
 
 from __future__ import annotations
@@ -92,13 +93,8 @@ def measure(name: str, chain: Callable[[], None], graphed: bool) -> dict:
     torch.cuda.synchronize()
     if graphed:
         graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            graph.capture_begin()
+        with torch.cuda.graph(graph):  # ends the capture even when the chain raises
             chain()
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         run = graph.replay
     else:
@@ -166,20 +162,42 @@ def chains(tokens: int, dim: int) -> dict[str, Callable[[], None]]:
         for i in range(n):
             (scale(x, buffers[i % 2]) @ w_router)
 
-    def sdpa_chain():
-        y = q
-        for _ in range(n // 2):
-            y = torch.nn.functional.scaled_dot_product_attention(y, q, q, is_causal=True)
+    def sdpa_chain(backend):
+        from torch.nn.attention import sdpa_kernel
+
+        def chain():
+            y = q
+            with sdpa_kernel(backend):
+                for _ in range(n // 2):
+                    y = torch.nn.functional.scaled_dot_product_attention(y, q, q, is_causal=True)
+        return chain
 
     def sort_chain():
         p = prio
         for _ in range(n // 4):
             p = torch.argsort(p, descending=True, stable=True).float()
 
+    from torch.nn.attention import SDPBackend
+
     scale(x, buffers[0])  # compile once, so the handle exists for the carveout variant
     return {"triton": triton_chain, "aten_pointwise": aten_chain, "gemm": gemm_chain,
             "gemm+triton": gemm_triton, "gemm+aten": gemm_aten, "router_gemm+triton": router_gemm_triton,
-            "sdpa": sdpa_chain, "argsort": sort_chain}, handles
+            "sdpa cudnn": sdpa_chain(SDPBackend.CUDNN_ATTENTION), "sdpa flash": sdpa_chain(SDPBackend.FLASH_ATTENTION),
+            "argsort": sort_chain}, handles
+
+
+def triton_gemm_chain(tokens: int, dim: int) -> Callable[[], None]:
+    """``gemm+aten`` with the GEMM and its epilogue as one Inductor Triton template (no cuBLAS)."""
+    x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(dim, dim, device="cuda", dtype=torch.bfloat16) / dim**0.5
+    step = torch.compile(lambda y: (y @ w) * 0.5, mode="max-autotune-no-cudagraphs",
+                         options={"max_autotune_gemm_backends": "TRITON"})
+
+    def chain():
+        y = x
+        for _ in range(32):
+            y = step(y)
+    return chain
 
 
 def _print_row(r: dict) -> None:
@@ -196,6 +214,8 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--tokens", type=int, default=12288)
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--triton-gemm", action="store_true",
+                        help="also a chain of Inductor Triton GEMM templates (autotunes: a minute or more)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("gap_probe needs a CUDA GPU")
@@ -213,13 +233,19 @@ def main() -> None:
     table, handles = chains(args.tokens, args.dim)
     for name, chain in table.items():
         for graphed in (True, False):
-            add(measure(name, chain, graphed))
+            try:
+                add(measure(name, chain, graphed))
+            except RuntimeError as err:  # a backend this build or GPU lacks: say so, go on
+                print(f"| {name} | {'yes' if graphed else 'no'} | failed: {str(err).splitlines()[0][:100]} |", flush=True)
     carveout = _set_max_carveout(handles[0]) if handles else "not set: no Triton handle"
     for name in ("triton", "gemm+triton"):
         add({**measure(name, table[name], True), "chain": f"{name}, Triton carveout max ({carveout})"})
     torch.backends.cuda.preferred_blas_library("cublaslt")
     for name in ("gemm", "gemm+aten"):
         add({**measure(name, table[name], True), "chain": f"{name}, cuBLASLt"})
+    if args.triton_gemm:
+        add({**measure("gemm+aten", triton_gemm_chain(args.tokens, args.dim), True),
+             "chain": "gemm+aten, Inductor Triton GEMM template"})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
