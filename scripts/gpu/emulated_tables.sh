@@ -15,7 +15,9 @@
 #   VARIANTS ["eager,captured,tutel-d2,tutel-d4,lancet-dw,lancet-part,lancet"]
 #   GATE [switch]  DTYPE [bf16]  STEPS [8]  WARMUP [2]  ROUNDS [1]  PROFILE_STEPS [1]  PASSES [2]  REPS [3]
 #   SMS [the regime's] (--emulate-sms)  SELFTEST [1] (tests/gpu/test_emulation_cuda.py first)  COMM_MAX_BYTES (profile-comm sweep)
-#   BUDGET_S [560] or DEADLINE (epoch seconds): no step starts when fewer than NEED_S [120] seconds are left
+#   BUDGET_S [560] or DEADLINE (epoch seconds): no step starts when fewer than NEED_S [120] seconds are left,
+#            no bench when fewer than BENCH_NEED_S [NEED_S] (a bench cut by the call's limit is run again whole
+#            in the next call; nl24 b24's took 200-250 s with a warm Inductor cache in run 15)
 #   OUT [out] (set by the GPU machine): results in EMULATED_DIR [$OUT/emulated; /tmp/emulated with PACK=1],
 #            logs in its log.txt
 #   PACK [0]: 1 packs EMULATED_DIR into $OUT/emulated.tgz (and the log beside it) every 30 s and after every
@@ -102,7 +104,7 @@ for M in $MODELS; do
                 --out "$D/plan_$NAME.json" --trace-dir "/tmp/emulated_pred/$NAME" || continue
             MEASURED="${MEASURED_DIR:-docs/data}/measured_${M}_w${W}_$(short $R).json"
             EXTRA=""; [ -e "$MEASURED" ] && EXTRA="--measured $MEASURED"
-            done_or_run "$D/bench_$NAME.json" bash -c "$LANCET bench $(model_args $M) --gate $G --dtype $DT $(emulate $W $R) \
+            NEED_S=${BENCH_NEED_S:-${NEED_S:-120}} done_or_run "$D/bench_$NAME.json" bash -c "$LANCET bench $(model_args $M) --gate $G --dtype $DT $(emulate $W $R) \
                 --variants $VARIANTS --plan $D/plan_$NAME.json --steps ${STEPS:-8} --warmup ${WARMUP:-2} \
                 --rounds ${ROUNDS:-1} --profile-steps ${PROFILE_STEPS:-1} --json $D/partial_bench_$NAME.json \
                 --trace-dir /tmp/emulated_traces/$NAME $EXTRA && mv $D/partial_bench_$NAME.json $D/bench_$NAME.json"

@@ -158,6 +158,13 @@ def chains(tokens: int, dim: int) -> dict[str, Callable[[], None]]:
         for _ in range(n):
             y = (y @ w) * 0.5
 
+    logits_grad = torch.randn(1229, 50304, device="cuda", dtype=dt)  # the fused loss's weight-gradient GEMM:
+    hidden = torch.randn(1229, dim, device="cuda", dtype=dt)           # split-K, started 0.3 us after its input
+
+    def dw_gemm_triton():
+        for i in range(n):
+            logits_grad.t() @ scale(hidden, buffers[i % 2][: hidden.shape[0]])
+
     def router_gemm_triton():
         for i in range(n):
             (scale(x, buffers[i % 2]) @ w_router)
@@ -182,6 +189,7 @@ def chains(tokens: int, dim: int) -> dict[str, Callable[[], None]]:
     scale(x, buffers[0])  # compile once, so the handle exists for the carveout variant
     return {"triton": triton_chain, "aten_pointwise": aten_chain, "gemm": gemm_chain,
             "gemm+triton": gemm_triton, "gemm+aten": gemm_aten, "router_gemm+triton": router_gemm_triton,
+            "loss_dw_gemm+triton": dw_gemm_triton,
             "sdpa cudnn": sdpa_chain(SDPBackend.CUDNN_ATTENTION), "sdpa flash": sdpa_chain(SDPBackend.FLASH_ATTENTION),
             "argsort": sort_chain}, handles
 
