@@ -5,7 +5,7 @@
 #                                                      # CACHE_CARRY=1: Inductor's cache from and to the
 #                                                      # next call (scripts/gpu/inductor_cache.sh)
 #
-# Logs, JSON, kernel time by family (kernels_TAG.md), the replayed forwards' kernels in order (fwd_kernels_TAG_VARIANT.md, captured and part-d2) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor (with CACHE_CARRY=1 restored from .carry/inductor.tgz first and packed
+# Logs, JSON, kernel time by family and by kernel stem (kernels_TAG.md), the replayed forwards' kernels in order (fwd_kernels_TAG_VARIANT.md, captured and part-d2) and, with RAGGED=1, forward/backward pictures under $OUT; Inductor's cache in .cache/inductor (with CACHE_CARRY=1 restored from .carry/inductor.tgz first and packed
 # into $OUT/inductor.tgz.part-* after, so that a later call's compile hits it).
 source scripts/gpu/env.sh
 source scripts/gpu/inductor_cache.sh

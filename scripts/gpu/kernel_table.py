@@ -21,15 +21,15 @@ from lancet.measure.phases import phase_gaps
 from lancet.measure.trace_metrics import _complete_events, _steps, load_trace
 
 
-def per_step(trace_path: Path, family=kernel_family) -> tuple[Counter, Counter, int]:
-    """(us per step by family, kernels per step by family, steps) of one trace."""
+def per_step(trace_path: Path, key_of=kernel_family) -> tuple[Counter, Counter, int]:
+    """(us per step by key, kernels per step by key, steps) of one trace; ``key_of`` names a kernel's group."""
     trace = load_trace(trace_path)
     steps = max(1, len(_steps(trace)))
     time, count = Counter(), Counter()
     for event in _complete_events(trace):
         if event.get("cat") != "kernel":
             continue
-        key = family(event.get("name", "?"))[:80]
+        key = key_of(event.get("name", "?"))[:80]
         time[key] += float(event.get("dur", 0.0)) / steps
         count[key] += 1 / steps
     return time, count, steps
