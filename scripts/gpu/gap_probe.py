@@ -121,7 +121,8 @@ def measure(name: str, chain: Callable[[], None], graphed: bool) -> dict:
     return row
 
 
-def chains(tokens: int, dim: int) -> dict[str, Callable[[], None]]:
+def chains(tokens: int, dim: int) -> tuple[dict[str, Callable[[], None]], list]:
+    """The chains by name, and the Triton kernel's compiled handle (filled by its first launch)."""
     dt = torch.bfloat16
     x = torch.randn(tokens, dim, device="cuda", dtype=dt)
     buffers = [torch.empty_like(x), torch.empty_like(x)]
