@@ -24,6 +24,8 @@ from collections.abc import Callable
 
 import torch
 
+from lancet.measure.kernel_names import kernel_family
+
 CARVEOUT_ATTRIBUTE = 9  # CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT
 REPLAYS = 20
 
@@ -111,7 +113,7 @@ def measure(name: str, chain: Callable[[], None], graphed: bool) -> dict:
     gaps = [b["start"] - a["end"] for a, b in zip(kernels, kernels[1:])]
     by_next: dict[str, list[float]] = {}
     for gap, after in zip(gaps, kernels[1:]):
-        by_next.setdefault(after["name"][:40], []).append(gap)
+        by_next.setdefault(kernel_family(after["name"]), []).append(gap)
     row = {"chain": name, "graphed": graphed, "kernels": len(kernels), "busy_us": busy_us,
            "events_us": None if ms is None else ms * 1e3,
            "profiled_gap_us": statistics.mean(gaps) if gaps else None,

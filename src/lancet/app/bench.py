@@ -49,11 +49,10 @@ def split_variant(name: str) -> tuple[str, str | None]:
 
 
 def _is_known_base(base: str) -> bool:
-    from lancet.app.variant_runners import is_part_variant
-
-    if base in BASE_VARIANTS or base in PLAN_VARIANTS or is_part_variant(base):
+    if base in BASE_VARIANTS or base in PLAN_VARIANTS:
         return True
-    return base.startswith(TUTEL_PREFIX) and base[len(TUTEL_PREFIX):].isdigit() and int(base[len(TUTEL_PREFIX):]) >= 1
+    parts = variant_parts(base)  # tutel-d1 is the captured step; a part-dN needs at least two parts
+    return parts is not None and parts >= (1 if base.startswith(TUTEL_PREFIX) else 2)
 
 
 def variant_parts(name: str) -> int | None:
