@@ -123,8 +123,8 @@ def measure(name: str, chain: Callable[[], None], graphed: bool) -> dict:
     return row
 
 
-def chains(tokens: int, dim: int) -> tuple[dict[str, Callable[[], None]], list]:
-    """The chains by name, and the Triton kernel's compiled handle (filled by its first launch)."""
+def chains(tokens: int, dim: int, n: int = 32) -> tuple[dict[str, Callable[[], None]], list]:
+    """The chains (about ``n`` kernels of each kind) by name, and the Triton kernel's compiled handle."""
     dt = torch.bfloat16
     x = torch.randn(tokens, dim, device="cuda", dtype=dt)
     buffers = [torch.empty_like(x), torch.empty_like(x)]
@@ -134,7 +134,6 @@ def chains(tokens: int, dim: int) -> tuple[dict[str, Callable[[], None]], list]:
     q = torch.randn(tokens // 512, heads, 512, dim // heads, device="cuda", dtype=dt)
     prio = torch.rand(tokens, device="cuda")
     scale, handles = _triton_scale()
-    n = 32
 
     def triton_chain():
         y = x
@@ -182,6 +181,18 @@ def chains(tokens: int, dim: int) -> tuple[dict[str, Callable[[], None]], list]:
                     y = torch.nn.functional.scaled_dot_product_attention(y, q, q, is_causal=True)
         return chain
 
+    side = torch.cuda.Stream()
+    small = torch.zeros(1024, device="cuda", dtype=dt)
+
+    def gemm_triton_fork_join():  # gemm+triton with a branch to a side stream after each pair, like a collective
+        y = x
+        for i in range(n):
+            y = scale(y @ w, buffers[i % 2])
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                scale(small, small)
+            torch.cuda.current_stream().wait_stream(side)
+
     def sort_chain():
         p = prio
         for _ in range(n // 4):
@@ -191,7 +202,7 @@ def chains(tokens: int, dim: int) -> tuple[dict[str, Callable[[], None]], list]:
 
     scale(x, buffers[0])  # compile once, so the handle exists for the carveout variant
     return {"triton": triton_chain, "aten_pointwise": aten_chain, "gemm": gemm_chain,
-            "gemm+triton": gemm_triton, "gemm+aten": gemm_aten, "router_gemm+triton": router_gemm_triton,
+            "gemm+triton": gemm_triton, "gemm+triton fork/join": gemm_triton_fork_join, "gemm+aten": gemm_aten, "router_gemm+triton": router_gemm_triton,
             "loss_dw_gemm+triton": dw_gemm_triton,
             "sdpa cudnn": sdpa_chain(SDPBackend.CUDNN_ATTENTION), "sdpa flash": sdpa_chain(SDPBackend.FLASH_ATTENTION),
             "argsort": sort_chain}, handles
@@ -201,8 +212,9 @@ def triton_gemm_chain(tokens: int, dim: int) -> Callable[[], None]:
     """``gemm+aten`` with the GEMM and its epilogue as one Inductor Triton template (no cuBLAS)."""
     x = torch.randn(tokens, dim, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(dim, dim, device="cuda", dtype=torch.bfloat16) / dim**0.5
-    step = torch.compile(lambda y: (y @ w) * 0.5, mode="max-autotune-no-cudagraphs",
-                         options={"max_autotune_gemm_backends": "TRITON"})
+    step = torch.compile(lambda y: (y @ w) * 0.5,  # max-autotune-no-cudagraphs with Triton GEMMs only
+                         options={"max_autotune": True, "triton.cudagraphs": False,
+                                  "max_autotune_gemm_backends": "TRITON"})
 
     def chain():
         y = x
@@ -225,6 +237,9 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     parser.add_argument("--tokens", type=int, default=12288)
     parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--lengths", default="",
+                        help="comma-separated chain lengths: only gemm+triton and triton, graphed, at each length "
+                             "(does the wait before a kernel grow with the graph's size?)")
     parser.add_argument("--triton-gemm", action="store_true",
                         help="also a chain of Inductor Triton GEMM templates (autotunes: a minute or more)")
     args = parser.parse_args()
@@ -241,6 +256,15 @@ def main() -> None:
         rows.append(row)
         _print_row(row)
 
+    if args.lengths:
+        for n in (int(v) for v in args.lengths.split(",")):
+            table, _ = chains(args.tokens, args.dim, n)
+            for name in ("triton", "gemm+triton", "gemm+triton fork/join"):
+                add({**measure(name, table[name], True), "chain": f"{name}, {n} per kind"})
+            del table
+            torch.cuda.empty_cache()
+        _dump(args.json, rows)
+        return
     table, handles = chains(args.tokens, args.dim)
     for name, chain in table.items():
         for graphed in (True, False):
@@ -257,8 +281,12 @@ def main() -> None:
     if args.triton_gemm:
         add({**measure("gemm+aten", triton_gemm_chain(args.tokens, args.dim), True),
              "chain": "gemm+aten, Inductor Triton GEMM template"})
-    if args.json:
-        with open(args.json, "w") as f:
+    _dump(args.json, rows)
+
+
+def _dump(path: str | None, rows: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
 
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The step's GPU idle under environment toggles: one bench process per toggle (the toggles act when CUDA starts).
+#
+#   TOGGLES="base CUDA_DEVICE_MAX_CONNECTIONS=1" REPEAT=2 bash scripts/gpu/idle_toggles.sh
+#
+# MODEL [gpt2_moe_nl12_m768_nh16_sl512_b48], GATE [switch], VARIANTS [captured:cudagraph], EXTRA [] (more bench
+# arguments, e.g. "--emulate 8:ib400 --plan PLAN.json"), STEPS [6], BENCH_S [150] per bench, REPEAT [1]: the
+# toggle list runs REPEAT times, every other time in reverse order (so that no toggle always runs first, on a
+# GPU that has just started). Per bench and variant: the step, the replayed forward timed by CUDA events (no
+# profiler), the profiled forward's kernel busy time, and their difference: the GPU's idle in the forward
+# without a profiler. JSON and logs in $OUT.
+source scripts/gpu/env.sh
+M="${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}"
+read -r -a toggles <<< "${TOGGLES:-base}"
+for round in $(seq 1 "${REPEAT:-1}"); do
+    order=("${toggles[@]}")
+    if [ $((round % 2)) = 0 ]; then order=(); for t in "${toggles[@]}"; do order=("$t" "${order[@]}"); done; fi
+    for toggle in "${order[@]}"; do
+        name="$(echo "$toggle" | tr -c 'A-Za-z0-9_\n' '_')_r$round"
+        env_args=(); [ "$toggle" != base ] && env_args=("$toggle")
+        begin=$SECONDS
+        # shellcheck disable=SC2086  # EXTRA is a list of arguments
+        timeout "${BENCH_S:-150}" env "${env_args[@]}" $LANCET bench --model "$M" --gate "${GATE:-switch}" --dtype bf16 \
+            --nproc 1 --steps "${STEPS:-6}" --warmup 3 --profile-steps 1 --variants "${VARIANTS:-captured:cudagraph}" \
+            ${EXTRA:-} --json "$OUT/idle_$name.json" --trace-dir "/tmp/idle_traces_$name" > "$OUT/idle_$name.log" 2>&1
+        echo "### $toggle (round $round): rc=$?, $((SECONDS - begin)) s"
+    done
+done
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+nan = float("nan")
+print("\n| toggle, round | variant | step ms | fwd replay ms (events) | fwd kernel busy ms | fwd idle ms (events - busy) | idle % |")
+print("|---|---|---|---|---|---|---|")
+for path in sorted(Path(sys.argv[1]).glob("idle_*.json")):
+    for r in json.loads(path.read_text())["results"]:
+        t = r.get("trace") or {}
+        replay = (r.get("replay_ms") or {}).get("forward")
+        busy = t["forward_gpu_ms"] - t.get("forward_idle_ms", 0.0) if "forward_gpu_ms" in t else None
+        idle = None if replay is None or busy is None else replay - busy
+        print(f"| {path.stem[5:]} | {r['variant']} | {r['step_ms']:.2f} | {replay or nan:.2f} | {busy or nan:.2f} | "
+              f"{nan if idle is None else idle:.2f} | {nan if idle is None else 100 * idle / replay:.1f} |")
+PY
