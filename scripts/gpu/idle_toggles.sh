@@ -6,9 +6,9 @@
 # MODEL [gpt2_moe_nl12_m768_nh16_sl512_b48], GATE [switch], VARIANTS [captured:cudagraph], EXTRA [] (more bench
 # arguments, e.g. "--emulate 8:ib400 --plan PLAN.json"), STEPS [6], BENCH_S [150] per bench, REPEAT [1]: the
 # toggle list runs REPEAT times, every other time in reverse order (so that no toggle always runs first, on a
-# GPU that has just started). Per bench and variant: the step, the replayed forward timed by CUDA events (no
-# profiler), the profiled forward's kernel busy time, and their difference: the GPU's idle in the forward
-# without a profiler. JSON and logs in $OUT.
+# GPU that has just started). Per bench and variant: the step (median, quartiles), the exposed all-to-all, the
+# replayed forward timed by CUDA events (no profiler), the profiled forward's kernel busy time, and their
+# difference: the GPU's idle in the forward without a profiler. JSON and logs in $OUT.
 source scripts/gpu/env.sh
 M="${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}"
 read -r -a toggles <<< "${TOGGLES:-base}"
@@ -30,14 +30,17 @@ python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
 nan = float("nan")
-print("\n| toggle, round | variant | step ms | fwd replay ms (events) | fwd kernel busy ms | fwd idle ms (events - busy) | idle % |")
-print("|---|---|---|---|---|---|---|")
+print("\n| toggle, round | variant | step ms | q1-q3 ms | exposed a2a ms | fwd replay ms (events) | fwd kernel busy ms "
+      "| fwd idle ms (events - busy) | idle % |")
+print("|---|---|---|---|---|---|---|---|---|")
 for path in sorted(Path(sys.argv[1]).glob("idle_*.json")):
     for r in json.loads(path.read_text())["results"]:
         t = r.get("trace") or {}
         replay = (r.get("replay_ms") or {}).get("forward")
         busy = t["forward_gpu_ms"] - t.get("forward_idle_ms", 0.0) if "forward_gpu_ms" in t else None
         idle = None if replay is None or busy is None else replay - busy
-        print(f"| {path.stem[5:]} | {r['variant']} | {r['step_ms']:.2f} | {replay or nan:.2f} | {busy or nan:.2f} | "
+        q1, q3 = r.get("quartiles_ms") or (nan, nan)
+        print(f"| {path.stem[5:]} | {r['variant']} | {r['step_ms']:.2f} | {q1:.2f}-{q3:.2f} | "
+              f"{t.get('exposed_a2a_ms', nan):.2f} | {replay or nan:.2f} | {busy or nan:.2f} | "
               f"{nan if idle is None else idle:.2f} | {nan if idle is None else 100 * idle / replay:.1f} |")
 PY
