@@ -190,3 +190,22 @@ def test_phase_idle_is_measured_on_graph_replays(group, tmp_path):
     metrics = phase_metrics(trace)
     assert metrics["forward_gpu_ms"] > 0 and metrics["backward_gpu_ms"] > 0
     assert 0 <= metrics["forward_idle_ms"] <= metrics["forward_gpu_ms"]
+
+
+def test_inlined_collectives_are_captured_on_the_compute_stream(group):
+    """Every collective of the captured MoE step waited at once: replayed from the compute stream, same step."""
+    cfg = model_config("gpt2_moe_nl2_m64_nh4_sl16_b4", vocab_size=97, gate=GateConfig(kind="switch"))
+    torch.manual_seed(0)
+    step = TrainStep(build_model(cfg, group, device=torch.device("cuda", 0)), group)
+    batches = _batches(97, 4, 16)
+    graph = capture_step(step, *batches[0])
+    start = [p.detach().clone() for p in step.parameters()]
+    want = _run(make_executor(graph, "compiled"), [p.clone() for p in start], batches)
+    again = _run(make_executor(graph, "compiled"), [p.clone() for p in start], batches)
+    graphed = make_executor(graph, "cudagraph", inline_collectives=True)
+    assert graphed.kind == "cudagraph" and graphed.compile_report.inlined_collectives > 0
+    got = _run(graphed, [p.clone() for p in start], batches)
+    floor = max(_largest_difference(again, want), RTOL / 10)
+    difference = _largest_difference(got, want)
+    assert difference <= 10 * floor, f"inlined vs compiled {difference:.3g}; compiled vs compiled {floor:.3g}"
+    assert all(phase.impl.graph is not None for phase in graphed.program.phases)

@@ -28,6 +28,7 @@ from rich.table import Table
 from lancet.app.config import RunConfig
 from lancet.runtime.dist import rank_runtime
 from lancet.runtime.inductor_options import inductor_options
+from lancet.runtime.inline_collectives import inline_from_environment
 from lancet.app.gc_policy import ScheduledCollection
 from lancet.app.report import header_line
 from lancet.measure.report import speedup, within_noise  # noqa: F401 (re-exported for the table)
@@ -356,7 +357,8 @@ def _write_json(path: str, run: RunConfig, world_size: int, rows: list[dict]) ->
         emulation = run.emulation()
         emulated = emulation.record() if emulation is not None else None
         json.dump({"run": run.to_dict(), "world_size": world_size, "emulated": emulated,
-                   "inductor_options": inductor_options(), "results": rows}, f, indent=1)
+                   "inductor_options": inductor_options(), "inline_collectives": inline_from_environment(),
+                   "results": rows}, f, indent=1)
     partial.replace(path)
 
 

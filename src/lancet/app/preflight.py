@@ -19,6 +19,7 @@ from lancet.app.config import RunConfig, checkpoint_identity
 from lancet.app.data import SYNTHETIC, resolve_corpus_path
 from lancet.plan.artifact import ArtifactError, RunIdentity
 from lancet.runtime.inductor_options import inductor_options
+from lancet.runtime.inline_collectives import inline_from_environment
 
 
 def launcher_device() -> torch.device:
@@ -135,3 +136,4 @@ def check_run(run: RunConfig, world_size: int, *, devices: bool = True) -> None:
     check_plan(run.plan, run.identity(world_size, device), run.plan_variant)
     check_resume(run, world_size)
     inductor_options()  # a bad LANCET_INDUCTOR_OPTIONS fails here, not in every rank's first compile
+    inline_from_environment()  # and a bad LANCET_INLINE_COLLECTIVES

@@ -59,6 +59,8 @@ class CompileReport:
     """Wall time of the first calls of the compiled functions (compile plus one run)."""
     cache: dict[str, int] = field(default_factory=dict)
     """Inductor FX-graph and AOTAutograd cache hits and misses during those compiles."""
+    inlined_collectives: int = 0
+    """Collectives run as blocking calls on the compute stream (``ExecutorConfig.inline_collectives``)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -70,6 +72,8 @@ class CompileReport:
         return (f"{self.compiled_regions} of {self.regions} regions compiled ({self.compiles} distinct, "
                 f"{self.shared} shared) in {self.seconds:.1f} s; Inductor cache {hits} hit(s), {misses} miss(es)"
                 + (f"; run as traced: {interpreted}" if interpreted else "")
+                + (f"; {self.inlined_collectives} collective(s) on the compute stream"
+                   if self.inlined_collectives else "")
                 + (f"; {len(self.failed)} failed to compile and run as traced, first: {self.failed[0]}"
                    if self.failed else ""))
 

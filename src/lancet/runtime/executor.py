@@ -16,13 +16,14 @@ is to blame (``StepExecutor.note``); asking for it without a CUDA device is refu
 
 Every executor is a callable with the eager ``TrainStep`` signature and marks each
 phase with a ``torch.profiler.record_function`` range (``lancet/forward``,
-``lancet/backward``).
+``lancet/backward``). With ``inline_collectives`` a collective that nothing overlaps
+runs on the compute stream (``lancet.runtime.inline_collectives``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,6 +31,7 @@ from lancet.capture.trace import TrainGraph
 from lancet.graph.regions import MIN_KERNELS
 from lancet.runtime.compile import CompileEvent, CompileReport, RegionCompiler
 from lancet.runtime.cudagraph import GraphedPhase, WarmPhase, warm_up_on_side_stream, why_not_graphed
+from lancet.runtime.inline_collectives import inline_collectives, inline_from_environment
 from lancet.runtime.program import build_program, forward_outputs_kept
 from lancet.step.train_step import StepResult
 
@@ -52,6 +54,9 @@ class ExecutorConfig:
     """Static regions with fewer nodes that launch work run as traced."""
     warmup: int = 2
     """``cudagraph``: steps run compiled on a side stream before the capture."""
+    inline_collectives: bool = field(default_factory=inline_from_environment)
+    """Run each all-to-all and all-reduce that nothing overlaps as a blocking call on the compute stream
+    (default: ``LANCET_INLINE_COLLECTIVES=1``; ``lancet.runtime.inline_collectives``)."""
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in EXECUTORS:
@@ -97,11 +102,13 @@ class StepExecutor:
         self.config = config
         self.kind, self.note = resolve_executor(config.kind, train_graph, train_graph.device)
         self.program = build_program(train_graph, fuse=self.kind != "interpret", min_kernels=config.min_kernels)
+        inlined = self._inline_collectives() if config.inline_collectives else 0
         self.compiler = RegionCompiler(config.backend, len(self.program.calls), progress, functions)
         for call in self.program.calls.values():
             self.compiler.attach(call)
         report = self.compiler.report
         report.regions = len(self.program.regions)
+        report.inlined_collectives = inlined
         for region in self.program.regions:
             if region.index not in self.program.calls:
                 report.interpreted_regions[region.kind] = report.interpreted_regions.get(region.kind, 0) + 1
@@ -109,6 +116,14 @@ class StepExecutor:
         self._params: list[torch.Tensor] | None = None
         self._side: torch.cuda.Stream | None = None
         self._timing = False
+
+    def _inline_collectives(self) -> int:
+        inlined = 0
+        for phase in self.program.phases:
+            inlined += inline_collectives(phase.module)
+            phase.module.recompile()
+            phase.impl = phase.module.forward
+        return inlined
 
     @property
     def compile_report(self) -> CompileReport:
