@@ -31,7 +31,7 @@ from lancet.capture.trace import TrainGraph
 from lancet.graph.regions import MIN_KERNELS
 from lancet.runtime.compile import CompileEvent, CompileReport, RegionCompiler
 from lancet.runtime.cudagraph import GraphedPhase, WarmPhase, warm_up_on_side_stream, why_not_graphed
-from lancet.runtime.inline_collectives import inline_collectives, inline_from_environment
+from lancet.runtime.inline_collectives import inline_candidates, inline_collectives, inline_from_environment
 from lancet.runtime.program import build_program, forward_outputs_kept
 from lancet.step.train_step import StepResult
 
@@ -118,9 +118,10 @@ class StepExecutor:
         self._timing = False
 
     def _inline_collectives(self) -> int:
+        names = inline_candidates(self.train_graph.graph)
         inlined = 0
         for phase in self.program.phases:
-            inlined += inline_collectives(phase.module)
+            inlined += inline_collectives(phase.module, names)
             phase.module.recompile()
             phase.impl = phase.module.forward
         return inlined

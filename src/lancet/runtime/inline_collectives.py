@@ -4,9 +4,10 @@ A functional collective (``_c10d_functional.all_to_all_single``, ``all_reduce``)
 group's own stream: the compute stream records an event, that stream waits for it and runs the collective,
 and ``wait_tensor`` makes the compute stream wait in turn. Captured in a CUDA graph, each is a fork to a
 second stream and a join back. Where the plan puts nothing between a collective's start and its wait,
-that fork buys no overlap. ``inline_collectives`` retargets each such pair: the start becomes the blocking
-c10d call (``async_op=False``), which torch issues on the current stream (since torch 2.8), and the wait
-becomes the identity.
+that fork buys no overlap. ``inline_candidates`` finds such collectives in the step graph (none while
+another is in flight) and ``inline_collectives`` retargets them in a phase of the step program: the start
+becomes the blocking c10d call (``async_op=False``), which torch issues on the current stream (since
+torch 2.8), and the wait becomes the identity.
 
 Off unless asked (``ExecutorConfig.inline_collectives``, default from ``LANCET_INLINE_COLLECTIVES=1``):
 whether a graph without those branches replays with less idle time is a measurement (docs/results.md,
@@ -22,7 +23,7 @@ import torch.distributed as dist
 from torch import fx
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from lancet.graph.roles import WAIT_OPS
+from lancet.graph.roles import WAIT_OPS, Role, node_role
 
 ENV = "LANCET_INLINE_COLLECTIVES"
 
@@ -80,23 +81,45 @@ def _group_is_emulated(group_name) -> bool:
         return False
 
 
-def inline_collectives(gm: fx.GraphModule) -> int:
-    """Retarget each all-to-all or all-reduce whose wait is the very next node; returns how many.
+def inline_candidates(graph: fx.Graph) -> set[str]:
+    """Names of the all-to-all and all-reduce starts of a step graph that may run as blocking calls.
+
+    Contract: a start qualifies when its wait is the very next node and its only user, no other collective
+    is in flight when it starts (inside another's window it would share the communicator with a collective
+    on NCCL's stream, from another stream), and its group is not emulated (the stand-ins model the
+    communication stream). The graph is not changed.
+    """
+    nodes = list(graph.nodes)
+    in_flight: set[fx.Node] = set()
+    names: set[str] = set()
+    for start, after in zip(nodes, [*nodes[1:], None]):
+        role = node_role(start) if start.op == "call_function" else None
+        if role == Role.COMM_WAIT:
+            in_flight.discard(start.args[0])
+        if role != Role.COMM_START:
+            continue
+        waited_next = (start.target in _BLOCKING and after is not None and node_role(after) == Role.COMM_WAIT
+                       and after.args[0] is start and list(start.users) == [after])
+        if waited_next and not in_flight and not _group_is_emulated(start.args[-1]):
+            names.add(start.name)
+        else:
+            in_flight.add(start)
+    return names
+
+
+def inline_collectives(gm: fx.GraphModule, names: set[str]) -> int:
+    """Retarget the starts named in ``names`` (``inline_candidates`` of the step graph) and their waits in
+    ``gm``, a phase of the step program; returns how many.
 
     Contract: ``gm`` computes the same values (the same collective on the same data), its collectives keep
-    their order and every node its name; a start with any node between it and its wait, or with a user
-    other than its wait, is left as it is, and so is a collective on an emulated group (its stand-ins model
-    the communication stream). ``gm`` is changed in place; the caller recompiles it.
+    their order and every node its name. ``gm`` is changed in place; the caller recompiles it.
     """
-    nodes = list(gm.graph.nodes)
     inlined = 0
-    for start, after in zip(nodes, nodes[1:]):
-        blocking = _BLOCKING.get(start.target) if start.op == "call_function" else None
-        if blocking is None or after.op != "call_function" or after.target not in WAIT_OPS:
+    for start in gm.graph.nodes:
+        if start.op != "call_function" or start.name not in names:
             continue
-        if after.args[0] is not start or list(start.users) != [after] or _group_is_emulated(start.args[-1]):
-            continue
-        start.target = blocking
-        after.target = completed
+        (wait,) = start.users
+        start.target = _BLOCKING[start.target]
+        wait.target = completed
         inlined += 1
     return inlined
