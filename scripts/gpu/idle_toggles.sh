@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The step's GPU idle under environment toggles: one bench process per toggle (each process reads them as it starts).
 #
-#   TOGGLES="base LANCET_INLINE_COLLECTIVES=1 CUDA_DEVICE_MAX_CONNECTIONS=1" REPEAT=2 bash scripts/gpu/idle_toggles.sh
+#   VARIANTS=captured:cudagraph,captured:cudagraph+inline TOGGLES="base CUDA_DEVICE_MAX_CONNECTIONS=1" REPEAT=2 \
+#       bash scripts/gpu/idle_toggles.sh
 #
 # MODEL [gpt2_moe_nl12_m768_nh16_sl512_b48], GATE [switch], VARIANTS [captured:cudagraph], EXTRA [] (more bench
 # arguments, e.g. "--emulate 8:ib400 --plan PLAN.json"), STEPS [6], BENCH_S [150] per bench, REPEAT [1]: the

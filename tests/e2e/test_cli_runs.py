@@ -98,12 +98,16 @@ def test_compiled_executor_profile_optimize_bench_train(tmp_path):
            cwd=tmp_path)
     assert plan_options(tmp_path)["executor"] == "compiled"
 
-    variants = ["eager", "eager-compiled", "captured:interpret", "captured:compiled"]
+    variants = ["eager", "eager-compiled", "captured:interpret", "captured:compiled", "captured:compiled+inline"]
     run = lancet("bench", *model, "--variants", ",".join(variants), "--steps", "1", "--warmup", "2",
                  "--profile-steps", "1", "--json", "bench.json", cwd=tmp_path)
     results = {r["variant"]: r for r in json.loads((tmp_path / "bench.json").read_text())["results"]}
     assert list(results) == variants
-    assert [r["executor"] for r in results.values()] == [None, "torch.compile", "interpret", "compiled"]
+    assert [r["executor"] for r in results.values()] == [None, "torch.compile", "interpret", "compiled", "compiled"]
+    # the same graph, its collectives on the compute stream: its compiled regions are the other's
+    inlined = results["captured:compiled+inline"]["compile"]
+    assert inlined["inlined_collectives"] > 0 and results["captured:compiled"]["compile"]["inlined_collectives"] == 0
+    assert inlined["shared"] == inlined["compiled_regions"]
     assert all(r["step_ms"] > 0 and r["host_issue_ms"] > 0 and r["trace"]["steps"] == 1 for r in results.values())
     compiled = results["captured:compiled"]["compile"]
     assert compiled["compiled_regions"] > 0 and compiled["seconds"] > 0

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from lancet.app import cli
-from lancet.app.bench import BenchOptions, check_parts_divide_batch, is_known_variant, split_variant, variant_parts
+from lancet.app.bench import (
+    BenchOptions,
+    check_parts_divide_batch,
+    inlines_collectives,
+    is_known_variant,
+    split_variant,
+    variant_parts,
+)
 from lancet.measure.phases import phase_gaps, phase_metrics
 from lancet.measure.trace_metrics import STEP_ANNOTATION
 from lancet.runtime.executor import ExecutorConfig, ExecutorError, check_executor_device
@@ -24,6 +31,19 @@ def test_variant_names_with_executors():
         assert not is_known_variant(name)
     with pytest.raises(ValueError, match="need --plan"):
         BenchOptions(variants=["lancet:compiled"]).validate()
+
+
+def test_variant_names_with_inlined_collectives():
+    assert split_variant("captured:cudagraph+inline") == ("captured", "cudagraph")
+    assert split_variant("tutel-d2+inline") == ("tutel-d2", None)
+    assert variant_parts("tutel-d4+inline") == 4
+    assert inlines_collectives("lancet+inline") and not inlines_collectives("lancet")
+    for name in ("captured+inline", "captured:cudagraph+inline", "tutel-d2:compiled+inline", "lancet+inline"):
+        assert is_known_variant(name)
+    for name in ("eager+inline", "eager-compiled+inline", "captured+inlined", "captured+inline:compiled"):
+        assert not is_known_variant(name)
+    with pytest.raises(ValueError, match="need --plan"):
+        BenchOptions(variants=["lancet-dw+inline"]).validate()
 
 
 def test_part_counts_must_divide_the_rank_batch():

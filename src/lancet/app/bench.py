@@ -41,12 +41,21 @@ TUTEL_PREFIX = "tutel-d"
 """``tutel-dN``: only each MoE layer's all-to-alls and experts pipelined, N parts (N=1: captured)."""
 EXECUTOR_SEPARATOR = ":"
 """Captured variants may name their executor: ``captured:compiled``, ``tutel-d2:cudagraph``, ``lancet:interpret``."""
+INLINE_SUFFIX = "+inline"
+"""A captured variant ending in ``+inline`` runs each collective that nothing overlaps as a blocking call on the
+compute stream (``captured:cudagraph+inline``, ``lancet+inline``; ``lancet.runtime.inline_collectives``), so one
+bench measures a step with and without it side by side."""
 
 
 def split_variant(name: str) -> tuple[str, str | None]:
-    """(graph variant, executor or None) of a variant name."""
-    base, separator, executor = name.partition(EXECUTOR_SEPARATOR)
+    """(graph variant, executor or None) of a variant name (``+inline`` left out)."""
+    base, separator, executor = name.removesuffix(INLINE_SUFFIX).partition(EXECUTOR_SEPARATOR)
     return base, (executor if separator else None)
+
+
+def inlines_collectives(name: str) -> bool:
+    """Whether variant ``name`` asks for its collectives on the compute stream (``+inline``)."""
+    return name.endswith(INLINE_SUFFIX)
 
 
 def _is_known_base(base: str) -> bool:
@@ -81,6 +90,8 @@ def is_known_variant(name: str) -> bool:
     base, executor = split_variant(name)
     if executor is not None and (executor not in EXECUTORS or base in EAGER_VARIANTS):
         return False
+    if inlines_collectives(name) and base in EAGER_VARIANTS:
+        return False
     return _is_known_base(base)
 
 
@@ -107,7 +118,7 @@ class BenchOptions:
         if unknown:
             known = ", ".join((*BASE_VARIANTS, *PLAN_VARIANTS, "tutel-dN", "part-dN"))
             raise ValueError(f"unknown variant(s) {', '.join(unknown)}; choose from {known}, captured ones optionally "
-                             f"with an executor ({', '.join(f'captured:{e}' for e in EXECUTORS)})")
+                             f"with an executor ({', '.join(f'captured:{e}' for e in EXECUTORS)}) and {INLINE_SUFFIX}")
         if self.executor is not None and self.executor not in EXECUTORS:
             raise ValueError(f"unknown executor {self.executor!r}; choose one of {', '.join(EXECUTORS)}")
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,7 +183,7 @@ def _runner(variant: str, session, plan, opts: BenchOptions, functions: dict):
     if base not in EAGER_VARIANTS and executor is None:
         executor = opts.executor
     runner = build_runner(base, executor, session, plan, parts_prefix=TUTEL_PREFIX, plan_variants=PLAN_VARIANTS,
-                          functions=functions)
+                          functions=functions, inline_collectives=inlines_collectives(variant))
     if runner.note and session.runtime.is_main:
         print(f"{variant}: {runner.note}", flush=True)
     return runner

@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of eager, eager-compiled (torch.compile of the step function), captured, lancet-dw, "
              "lancet-part, lancet, tutel-dN (MoE dispatch in N parts), part-dN (every MoE block's forward from its "
              "attention to its end in N parts); a captured variant may name its executor: captured:interpret, "
-             "captured:compiled, captured:cudagraph (also tutel-dN:..., lancet:...)",
+             "captured:compiled, captured:cudagraph (also tutel-dN:..., lancet:...), and end in +inline to run "
+             "its collectives that nothing overlaps on the compute stream (captured:cudagraph+inline)",
     )
     add_executor_arg(bench, "captured variants that name no executor")
     bench.add_argument("--plan", default=None, help="plan for the lancet-* variants")

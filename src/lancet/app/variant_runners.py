@@ -83,10 +83,13 @@ def _captured_graph(base: str, session, plan, parts_prefix: str, plan_variants: 
 
 
 def build_runner(base: str, executor: str | None, session, plan, *, parts_prefix: str,
-                 plan_variants: tuple[str, ...], functions: dict | None = None) -> VariantRunner:
+                 plan_variants: tuple[str, ...], functions: dict | None = None,
+                 inline_collectives: bool = False) -> VariantRunner:
     """The runner of graph variant ``base`` under ``executor`` (None: the default for its graph and device).
 
-    ``functions``: compiled regions shared between the variants of one bench (see ``make_executor``).
+    ``functions``: compiled regions shared between the variants of one bench (see ``make_executor``);
+    ``inline_collectives``: collectives that nothing overlaps on the compute stream (else the environment's
+    default, ``LANCET_INLINE_COLLECTIVES``).
     """
     from lancet.moe import MoELayer
 
@@ -102,7 +105,8 @@ def build_runner(base: str, executor: str | None, session, plan, *, parts_prefix
 
     train_graph = _captured_graph(base, session, plan, parts_prefix, plan_variants)
     forward_a2a = len(analyze(train_graph).collectives_of("all_to_all", "forward"))
-    label = base if executor is None else f"{base}:{executor}"
+    label = (base if executor is None else f"{base}:{executor}") + ("+inline" if inline_collectives else "")
+    options = {"inline_collectives": True} if inline_collectives else {}
     runner = make_executor(train_graph, executor, progress=compile_progress(session.runtime.is_main, label),
-                           functions=functions)
+                           functions=functions, **options)
     return VariantRunner(runner, forward_a2a, runner.kind, runner.note)
