@@ -112,14 +112,17 @@ def inline_collectives(gm: fx.GraphModule, names: set[str]) -> int:
     ``gm``, a phase of the step program; returns how many.
 
     Contract: ``gm`` computes the same values (the same collective on the same data), its collectives keep
-    their order and every node its name. ``gm`` is changed in place; the caller recompiles it.
+    their order and every node its name; a named start whose wait is not its only user in ``gm`` is left as
+    it is. ``gm`` is changed in place; the caller recompiles it.
     """
     inlined = 0
     for start in gm.graph.nodes:
-        if start.op != "call_function" or start.name not in names:
+        if start.op != "call_function" or start.name not in names or start.target not in _BLOCKING:
             continue
-        (wait,) = start.users
+        users = list(start.users)
+        if len(users) != 1 or users[0].target not in WAIT_OPS:
+            continue
         start.target = _BLOCKING[start.target]
-        wait.target = completed
+        users[0].target = completed
         inlined += 1
     return inlined
