@@ -30,18 +30,16 @@ done
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
+from lancet.app.bench import unprofiled_forward_idle_ms
 nan = float("nan")
 print("\n| toggle, round | variant | step ms | q1-q3 ms | exposed a2a ms | fwd replay ms (events) | fwd kernel busy ms "
       "| fwd idle ms (events - busy) | idle % |")
 print("|---|---|---|---|---|---|---|---|---|")
 for path in sorted(Path(sys.argv[1]).glob("idle_*.json")):
     for r in json.loads(path.read_text())["results"]:
-        t = r.get("trace") or {}
-        replay = (r.get("replay_ms") or {}).get("forward")
-        busy = t["forward_gpu_ms"] - t.get("forward_idle_ms", 0.0) if "forward_gpu_ms" in t else None
-        idle = None if replay is None or busy is None else replay - busy
+        replay, busy, idle = unprofiled_forward_idle_ms(r) or (nan, nan, nan)
         q1, q3 = r.get("quartiles_ms") or (nan, nan)
         print(f"| {path.stem[5:]} | {r['variant']} | {r['step_ms']:.2f} | {q1:.2f}-{q3:.2f} | "
-              f"{t.get('exposed_a2a_ms', nan):.2f} | {replay or nan:.2f} | {busy or nan:.2f} | "
-              f"{nan if idle is None else idle:.2f} | {nan if idle is None else 100 * idle / replay:.1f} |")
+              f"{(r.get('trace') or {}).get('exposed_a2a_ms', nan):.2f} | {replay:.2f} | {busy:.2f} | "
+              f"{idle:.2f} | {100 * idle / replay:.1f} |")
 PY

@@ -450,15 +450,24 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
                           f"{report['cache'].get('fxgraph_cache_miss', 0)} miss(es)", markup=False)
 
 
-def _unprofiled_forward(row: dict) -> str:
-    """The forward's replay timed without a profiler beside its profiled window ("" when either is missing)."""
+def unprofiled_forward_idle_ms(row: dict) -> tuple[float, float, float] | None:
+    """(forward replay ms by events, profiled kernels' busy ms, their difference) of a bench row: the forward's
+    idle without a profiler; None when the row has no timed replay or no profiled forward."""
     trace = row.get("trace") or {}
     replayed = (row.get("replay_ms") or {}).get("forward")
     if replayed is None or "forward_gpu_ms" not in trace:
-        return ""
+        return None
     busy = trace["forward_gpu_ms"] - trace.get("forward_idle_ms", 0.0)
-    return (f"; forward replay by events, no profiler: {replayed:.2f} ms against the profiled window's "
-            f"{trace['forward_gpu_ms']:.2f}, so about {max(0.0, replayed - busy):.2f} ms idle without a profiler "
+    return replayed, busy, replayed - busy
+
+
+def _unprofiled_forward(row: dict) -> str:
+    """The forward's replay timed without a profiler beside its profiled window ("" when either is missing)."""
+    idle = unprofiled_forward_idle_ms(row)
+    if idle is None:
+        return ""
+    return (f"; forward replay by events, no profiler: {idle[0]:.2f} ms against the profiled window's "
+            f"{row['trace']['forward_gpu_ms']:.2f}, so about {max(0.0, idle[2]):.2f} ms idle without a profiler "
             f"(the replay less the profiled kernels' busy time)")
 
 

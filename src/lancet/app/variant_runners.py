@@ -27,11 +27,6 @@ PART_PREFIX = "part-d"
 """``part-dN``: every MoE block's forward, from its attention to its end, in N parts."""
 
 
-def is_part_variant(base: str) -> bool:
-    suffix = base[len(PART_PREFIX):]
-    return base.startswith(PART_PREFIX) and suffix.isdigit() and int(suffix) >= 2
-
-
 def block_partition_graph(train_step, tokens: torch.Tensor, targets: torch.Tensor, parts: int):
     """The step with the block around every MoE layer (``block_ranges``) in ``parts`` parts."""
     from lancet.capture.trace import capture_forward
@@ -75,7 +70,7 @@ def _captured_graph(base: str, session, plan, parts_prefix: str, plan_variants: 
         from lancet.plan.plan import tutel_graph
 
         return tutel_graph(session.train_step, *batch, int(base[len(parts_prefix):]))
-    if is_part_variant(base):
+    if base.startswith(PART_PREFIX):  # names were checked before any runner is built (bench.is_known_variant)
         return block_partition_graph(session.train_step, *batch, int(base[len(PART_PREFIX):]))
     from lancet.capture.trace import capture_step
 

@@ -20,6 +20,7 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import fx
 from torch.distributed.distributed_c10d import _resolve_process_group
 
@@ -28,8 +29,8 @@ from lancet.graph.roles import WAIT_OPS, Role, node_role
 ENV = "LANCET_INLINE_COLLECTIVES"
 
 _functional = torch.ops._c10d_functional
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
-               "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}
+_REDUCE_OPS = {name: op for op, name in funcol.REDUCE_OP_TO_STR.items()}
+"""The functional all-reduce's op names (torch's own table), back to c10d's ops."""
 
 
 def inline_from_environment() -> bool:
