@@ -7,7 +7,7 @@
 # MODEL [gpt2_moe_nl12_m768_nh16_sl512_b48], GATE [switch], VARIANTS [captured:cudagraph], EXTRA [] (more bench
 # arguments, e.g. "--emulate 8:ib400 --plan PLAN.json"), STEPS [6], BENCH_S [150] per bench, REPEAT [1]: the
 # toggle list runs REPEAT times, every other time in reverse order (so that no toggle always runs first, on a
-# GPU that has just started). Per bench and variant: the step (median, quartiles), the exposed all-to-all, the
+# GPU that has just started). A toggle sets one variable (A=1), several ("A=1;B=2", quoted in TOGGLES) or none (base). Per bench and variant: the step (median, quartiles), the exposed all-to-all, the
 # replayed forward timed by CUDA events (no profiler), the profiled forward's kernel busy time, and their
 # difference: the GPU's idle in the forward without a profiler. JSON and logs in $OUT.
 source scripts/gpu/env.sh
@@ -18,7 +18,7 @@ for round in $(seq 1 "${REPEAT:-1}"); do
     if [ $((round % 2)) = 0 ]; then order=(); for t in "${toggles[@]}"; do order=("$t" "${order[@]}"); done; fi
     for toggle in "${order[@]}"; do
         name="$(echo "$toggle" | tr -c 'A-Za-z0-9_\n' '_')_r$round"
-        env_args=(); [ "$toggle" != base ] && env_args=("$toggle")
+        env_args=(); [ "$toggle" != base ] && IFS=";" read -r -a env_args <<< "$toggle"  # "A=1;B=2": both set
         begin=$SECONDS
         # shellcheck disable=SC2086  # EXTRA is a list of arguments
         timeout "${BENCH_S:-150}" env "${env_args[@]}" $LANCET bench --model "$M" --gate "${GATE:-switch}" --dtype bf16 \

@@ -15,13 +15,12 @@ from tests.dense_reference import python_keep
 
 
 def _python_slots(experts, probs, num_experts, cf, kind):
-    """Slot = expert * C + arrival position in serving order, -1 when dropped."""
+    """Slot = expert * C + position among the expert's kept tokens in token order, -1 when dropped."""
     keep = python_keep(experts, probs, num_experts, cf, kind)
     capacity = int(cf * -(-len(experts) // num_experts))
-    order = range(len(experts)) if kind == "switch" else sorted(range(len(experts)), key=lambda t: (-probs[t], t))
     taken = [0] * num_experts
     slots = [-1] * len(experts)
-    for t in order:
+    for t in range(len(experts)):
         if keep[t]:
             slots[t] = experts[t] * capacity + taken[experts[t]]
             taken[experts[t]] += 1
@@ -29,7 +28,7 @@ def _python_slots(experts, probs, num_experts, cf, kind):
 
 
 @pytest.mark.parametrize("kind", ["switch", "batch_prioritized"])
-@pytest.mark.parametrize("tokens, experts, cf", [(24, 4, 1.0), (13, 3, 0.5), (10, 4, 2.0), (7, 8, 1.0)])
+@pytest.mark.parametrize("tokens, experts, cf", [(24, 4, 1.0), (13, 3, 0.5), (10, 4, 2.0), (7, 8, 1.0), (5, 2, 4.0), (96, 4, 1.0)])
 def test_capacity_slots_follow_the_gate_rule(kind, tokens, experts, cf):
     generator = torch.Generator().manual_seed(tokens * experts)
     expert_T = torch.randint(0, experts, (tokens,), generator=generator)
