@@ -57,7 +57,7 @@ def _kept_by_priority(expert_T: Tensor, priority_T: Tensor, num_experts: int, ca
     """
     mine_ET = expert_T[None, :] == torch.arange(num_experts, device=expert_T.device)[:, None]
     # The k-th smallest negated priority is the k-th largest priority; other experts' tokens never count.
-    negated_ET = torch.where(mine_ET, -priority_T[None, :], torch.full_like(priority_T, float("inf"))[None, :])
+    negated_ET = torch.where(mine_ET, -priority_T[None, :], float("inf"))
     threshold_E = -negated_ET.kthvalue(min(cap, expert_T.shape[0]), dim=1).values  # -inf: fewer than cap tokens
     threshold_T = threshold_E[expert_T]
     above_T = priority_T > threshold_T
