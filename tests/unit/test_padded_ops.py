@@ -15,12 +15,13 @@ from tests.dense_reference import python_keep
 
 
 def _python_slots(experts, probs, num_experts, cf, kind):
-    """Slot = expert * C + position among the expert's kept tokens in token order, -1 when dropped."""
+    """Slot = expert * C + arrival position in serving order, -1 when dropped."""
     keep = python_keep(experts, probs, num_experts, cf, kind)
     capacity = int(cf * -(-len(experts) // num_experts))
+    order = range(len(experts)) if kind == "switch" else sorted(range(len(experts)), key=lambda t: (-probs[t], t))
     taken = [0] * num_experts
     slots = [-1] * len(experts)
-    for t in range(len(experts)):
+    for t in order:
         if keep[t]:
             slots[t] = experts[t] * capacity + taken[experts[t]]
             taken[experts[t]] += 1

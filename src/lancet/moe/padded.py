@@ -48,39 +48,21 @@ def _capacity_of(num_tokens: int, num_experts: int, capacity_factor: float) -> i
     return cap
 
 
-def _kept_by_priority(expert_T: Tensor, priority_T: Tensor, num_experts: int, cap: int) -> Tensor:
-    """bool: the token is among the ``cap`` of highest priority of its expert (ties: the earlier token).
-
-    No sort: each expert's ``cap``-th largest priority comes from one radix select (``kthvalue``), the
-    tokens above it are kept, and of those equal to it the earliest ones fill what room is left. Kept the
-    same tokens as a stable descending sort would, in one library kernel instead of a sort's six.
-    """
-    mine_ET = expert_T[None, :] == torch.arange(num_experts, device=expert_T.device)[:, None]
-    # The k-th smallest negated priority is the k-th largest priority; other experts' tokens never count.
-    negated_ET = torch.where(mine_ET, -priority_T[None, :], float("inf"))
-    threshold_E = -negated_ET.kthvalue(min(cap, expert_T.shape[0]), dim=1).values  # -inf: fewer than cap tokens
-    threshold_T = threshold_E[expert_T]
-    above_T = priority_T > threshold_T
-    tie_T = priority_T == threshold_T
-    room_T = cap - (mine_ET & above_T[None, :]).sum(dim=1)[expert_T]
-    tie_rank_T = _positions_in_order(torch.where(tie_T, expert_T, num_experts), num_experts)
-    return above_T | (tie_T & (tie_rank_T < room_T))
-
-
 def capacity_slots_impl(expert_T: Tensor, priority_T: Tensor | None, num_experts: int,
                         capacity_factor: float) -> Tensor:
     """Slot of each token in the ``[E, C]`` buffer, -1 when dropped; C from these T tokens.
 
-    Which tokens an expert keeps: the first C in token order (``priority_T`` None: the switch gate's first
-    come, first served) or the C of highest priority, ties to the earlier token (the batch-prioritized
-    gate). Either way the kept tokens take their expert's slots in token order.
+    Tokens are served in token order (``priority_T`` None: the switch gate's first come, first served)
+    or by descending priority, ties to the earlier token (the batch-prioritized gate).
     """
     cap = _capacity_of(expert_T.shape[0], num_experts, capacity_factor)
-    if priority_T is not None:  # dropped tokens get the sentinel expert E, which has no slots
-        expert_T = torch.where(_kept_by_priority(expert_T, priority_T, num_experts, cap), expert_T, num_experts)
-    position_T = _positions_in_order(expert_T, num_experts)  # -1 for the sentinel
-    kept_T = (position_T >= 0) & (position_T < cap)
-    return torch.where(kept_T, expert_T * cap + position_T, torch.full_like(position_T, -1))
+    if priority_T is None:
+        position_T = _positions_in_order(expert_T, num_experts)
+    else:
+        order_T = torch.argsort(priority_T, descending=True, stable=True)
+        position_sorted_T = _positions_in_order(expert_T[order_T], num_experts)
+        position_T = torch.empty_like(position_sorted_T).scatter_(0, order_T, position_sorted_T)
+    return torch.where(position_T < cap, expert_T * cap + position_T, torch.full_like(position_T, -1))
 
 
 capacity_slots = torch.library.custom_op("lancet::capacity_slots", capacity_slots_impl, mutates_args=())
