@@ -9,7 +9,8 @@
 # toggle list runs REPEAT times, every other time in reverse order (so that no toggle always runs first, on a
 # GPU that has just started). A toggle sets one variable (A=1), several ("A=1;B=2", quoted in TOGGLES) or none (base). Per bench and variant: the step (median, quartiles), the exposed all-to-all, the
 # replayed forward timed by CUDA events (no profiler), the profiled forward's kernel busy time, and their
-# difference: the GPU's idle in the forward without a profiler. JSON and logs in $OUT.
+# difference: the GPU's idle in the forward without a profiler; the same for the forward's graph replayed alone
+# with the host ahead of the GPU (no launch latency at the step's start). JSON and logs in $OUT.
 source scripts/gpu/env.sh
 M="${MODEL:-gpt2_moe_nl12_m768_nh16_sl512_b48}"
 read -r -a toggles <<< "${TOGGLES:-base}"
@@ -30,16 +31,17 @@ done
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path
-from lancet.app.bench import unprofiled_forward_idle_ms
+from lancet.app.bench import held_forward_idle_ms, unprofiled_forward_idle_ms
 nan = float("nan")
 print("\n| toggle, round | variant | step ms | q1-q3 ms | exposed a2a ms | fwd replay ms (events) | fwd kernel busy ms "
-      "| fwd idle ms (events - busy) | idle % |")
-print("|---|---|---|---|---|---|---|---|---|")
+      "| fwd idle ms (events - busy) | idle % | fwd replay, host ahead ms | idle, host ahead ms | idle % |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for path in sorted(Path(sys.argv[1]).glob("idle_*.json")):
     for r in json.loads(path.read_text())["results"]:
         replay, busy, idle = unprofiled_forward_idle_ms(r) or (nan, nan, nan)
+        held, _, held_idle = held_forward_idle_ms(r) or (nan, nan, nan)
         q1, q3 = r.get("quartiles_ms") or (nan, nan)
         print(f"| {path.stem[5:]} | {r['variant']} | {r['step_ms']:.2f} | {q1:.2f}-{q3:.2f} | "
               f"{(r.get('trace') or {}).get('exposed_a2a_ms', nan):.2f} | {replay:.2f} | {busy:.2f} | "
-              f"{idle:.2f} | {100 * idle / replay:.1f} |")
+              f"{idle:.2f} | {100 * idle / replay:.1f} | {held:.2f} | {held_idle:.2f} | {100 * held_idle / held:.1f} |")
 PY

@@ -167,6 +167,9 @@ class VariantResult:
     replay_ms: dict[str, float] | None = None
     """CUDA-graph variants: phase -> median device ms of its replays over the timed steps, by CUDA events
     (no profiler running): the phase's window to set beside the profiled one (``trace``)."""
+    held_forward_ms: float | None = None
+    """CUDA-graph variants: median device ms of the forward's graph replayed alone with the host ahead of the
+    GPU (``GraphedPhase.held_replay_ms``): the timed replay less the host's launch latency at the step's start."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -257,6 +260,11 @@ class _VariantState:
     trace: dict = field(default_factory=dict)
     peak_gib: float | None = None
     replay_ms: dict[str, list[float]] = field(default_factory=dict)
+    held_forward_ms: list[float] = field(default_factory=list)
+
+
+HELD_REPLAYS = 5
+"""Replays of the forward's graph alone with the host ahead, per round, after the timed steps."""
 
 
 def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, opts: BenchOptions,
@@ -293,6 +301,8 @@ def _measure_round(state: _VariantState, variant: str, run: RunConfig, session, 
         replays = state.runner if hasattr(state.runner, "time_replays") and runtime.device.type == "cuda" else None
         times = _slowest_rank(_timed_steps(one_step, opts, runtime, collection, state.issue_ms, replays,
                                            state.replay_ms), runtime.group)
+        if replays is not None and runtime.world_size == 1:  # one rank: a lone replay's collectives wait for no one
+            state.held_forward_ms.extend(replays.held_replay_ms("forward", HELD_REPLAYS))
         if profile:
             state.trace = _profiled_steps(one_step, variant, state.forward_a2a, opts, runtime)
     state.times.extend(times)
@@ -312,6 +322,7 @@ def _result(variant: str, state: _VariantState, session, plan, run: RunConfig) -
     result.host_issue_ms = statistics.median(state.issue_ms) if state.issue_ms else None
     result.compile = state.compile_report()
     result.replay_ms = {phase: statistics.median(ms) for phase, ms in state.replay_ms.items() if ms} or None
+    result.held_forward_ms = statistics.median(state.held_forward_ms) if state.held_forward_ms else None
     base = split_variant(variant)[0]
     if plan is not None and base in PLAN_VARIANTS:
         result.predicted = plan.variant(base).predicted
@@ -461,6 +472,17 @@ def unprofiled_forward_idle_ms(row: dict) -> tuple[float, float, float] | None:
     return replayed, busy, replayed - busy
 
 
+def held_forward_idle_ms(row: dict) -> tuple[float, float, float] | None:
+    """As ``unprofiled_forward_idle_ms``, from the forward's graph replayed with the host ahead
+    (``held_forward_ms``): the GPU's waits inside the graph, without the launch latency at the step's start."""
+    trace = row.get("trace") or {}
+    held = row.get("held_forward_ms")
+    if held is None or "forward_gpu_ms" not in trace:
+        return None
+    busy = trace["forward_gpu_ms"] - trace.get("forward_idle_ms", 0.0)
+    return held, busy, held - busy
+
+
 def _unprofiled_forward(row: dict) -> str:
     """The forward's replay timed without a profiler beside its profiled window ("" when either is missing)."""
     idle = unprofiled_forward_idle_ms(row)
@@ -468,7 +490,15 @@ def _unprofiled_forward(row: dict) -> str:
         return ""
     return (f"; forward replay by events, no profiler: {idle[0]:.2f} ms against the profiled window's "
             f"{row['trace']['forward_gpu_ms']:.2f}, so about {max(0.0, idle[2]):.2f} ms idle without a profiler "
-            f"(the replay less the profiled kernels' busy time)")
+            f"(the replay less the profiled kernels' busy time)" + _held_forward(row))
+
+
+def _held_forward(row: dict) -> str:
+    idle = held_forward_idle_ms(row)
+    if idle is None:
+        return ""
+    return (f"; with the host ahead of the GPU: {idle[0]:.2f} ms, about {max(0.0, idle[2]):.2f} ms idle "
+            f"({100 * max(0.0, idle[2]) / idle[0]:.1f}% of it)")
 
 
 def _ms(value: float | None) -> str:

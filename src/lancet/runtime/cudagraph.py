@@ -111,6 +111,10 @@ def signature_differences(warm: tuple | None, now: tuple) -> list[str]:
     return [f"argument {i}: {a} in the warm-up, {b} at the capture" for i, (a, b) in enumerate(zip(warm, now)) if a != b]
 
 
+HOLD_CYCLES = 20_000_000
+"""GPU clock cycles of the sleep kernel that holds the stream while the host launches a held replay (~10 ms)."""
+
+
 class WarmPhase:
     """A phase run uncaptured (a warm-up step) that remembers the ``input_signature`` of its last call."""
 
@@ -184,6 +188,26 @@ class GraphedPhase:
             return []
         self.replay_events[-1][1].synchronize()
         return [start.elapsed_time(end) for start, end in self.replay_events]
+
+    def held_replay_ms(self, repeats: int, hold_cycles: int = HOLD_CYCLES) -> list[float]:
+        """Ms of ``repeats`` replays of the captured graph alone, each queued behind a sleep kernel.
+
+        The host has launched the graph before the GPU reaches the start event, so the time is the graph's
+        own (its kernels and the GPU's waits between them), without the host's launch latency that a replay
+        at the start of a synchronized step includes. The graph reads the buffers of its last replay.
+        """
+        if self.graph is None:
+            raise RuntimeError("held_replay_ms: the phase has not been captured yet")
+        pairs = []
+        for _ in range(repeats):
+            torch.cuda._sleep(hold_cycles)
+            pair = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            pair[0].record()
+            self.graph.replay()
+            pair[1].record()
+            pairs.append(pair)
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in pairs]
 
     def _capture(self, args: list):
         """Capture the phase on ``args`` and replay it once; returns every output (the later phases' too)."""

@@ -171,6 +171,14 @@ class StepExecutor:
         """Phase -> ms of each replay timed since ``time_replays(True)`` (input copies and graph, by events)."""
         return {phase.phase: phase.impl.replay_ms() for phase in self._graphed() if phase.impl.replay_events}
 
+    def held_replay_ms(self, phase: str, repeats: int) -> list[float]:
+        """Ms of ``repeats`` replays of ``phase``'s graph alone with the host ahead ([] when it is not graphed):
+        ``GraphedPhase.held_replay_ms``. Only for phases without side effects on the step's state (the forward)."""
+        for graphed in self._graphed():
+            if graphed.phase == phase:
+                return graphed.impl.held_replay_ms(repeats)
+        return []
+
     def _graphed(self) -> list:
         return [phase for phase in self.program.phases if isinstance(phase.impl, GraphedPhase)]
 
