@@ -7,8 +7,9 @@
 # MODEL [gpt2_moe_nl12_m768_nh16_sl512_b48], GATE [switch], VARIANTS [captured:cudagraph], EXTRA [] (more bench
 # arguments, e.g. "--emulate 8:ib400 --plan PLAN.json"), STEPS [6], BENCH_S [150] per bench, REPEAT [1]: the
 # toggle list runs REPEAT times, every other time in reverse order (so that no toggle always runs first, on a
-# GPU that has just started). A toggle sets one variable (A=1), several ("A=1;B=2", quoted in TOGGLES) or none (base). Per bench and variant: the step (median, quartiles), the exposed all-to-all, the
-# replayed forward timed by CUDA events (no profiler), the profiled forward's kernel busy time, and their
+# GPU that has just started). A toggle sets one variable (A=1), several ("A=1;B=2", quoted in TOGGLES) or none
+# (base). Per bench and variant: the step (median, quartiles), the exposed all-to-all, the replayed forward
+# timed by CUDA events (no profiler), the profiled forward's kernel busy time, and their
 # difference: the GPU's idle in the forward without a profiler; the same for the forward's graph replayed alone
 # with the host ahead of the GPU (no launch latency at the step's start). JSON and logs in $OUT.
 source scripts/gpu/env.sh

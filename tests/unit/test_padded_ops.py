@@ -29,7 +29,8 @@ def _python_slots(experts, probs, num_experts, cf, kind):
 
 
 @pytest.mark.parametrize("kind", ["switch", "batch_prioritized"])
-@pytest.mark.parametrize("tokens, experts, cf", [(24, 4, 1.0), (13, 3, 0.5), (10, 4, 2.0), (7, 8, 1.0), (5, 2, 4.0), (96, 4, 1.0)])
+@pytest.mark.parametrize("tokens, experts, cf",
+                         [(24, 4, 1.0), (13, 3, 0.5), (10, 4, 2.0), (7, 8, 1.0), (5, 2, 4.0), (96, 4, 1.0)])
 def test_capacity_slots_follow_the_gate_rule(kind, tokens, experts, cf):
     generator = torch.Generator().manual_seed(tokens * experts)
     expert_T = torch.randint(0, experts, (tokens,), generator=generator)
