@@ -461,26 +461,25 @@ def print_table(rows: list[dict], run: RunConfig, console: Console) -> None:
                           f"{report['cache'].get('fxgraph_cache_miss', 0)} miss(es)", markup=False)
 
 
-def unprofiled_forward_idle_ms(row: dict) -> tuple[float, float, float] | None:
-    """(forward replay ms by events, profiled kernels' busy ms, their difference) of a bench row: the forward's
-    idle without a profiler; None when the row has no timed replay or no profiled forward."""
+def _forward_idle_ms(row: dict, replayed: float | None) -> tuple[float, float, float] | None:
+    """(``replayed``, the profiled forward kernels' busy ms, their difference); None without either."""
     trace = row.get("trace") or {}
-    replayed = (row.get("replay_ms") or {}).get("forward")
     if replayed is None or "forward_gpu_ms" not in trace:
         return None
     busy = trace["forward_gpu_ms"] - trace.get("forward_idle_ms", 0.0)
     return replayed, busy, replayed - busy
 
 
+def unprofiled_forward_idle_ms(row: dict) -> tuple[float, float, float] | None:
+    """(forward replay ms by events, profiled kernels' busy ms, their difference) of a bench row: the forward's
+    idle without a profiler; None when the row has no timed replay or no profiled forward."""
+    return _forward_idle_ms(row, (row.get("replay_ms") or {}).get("forward"))
+
+
 def held_forward_idle_ms(row: dict) -> tuple[float, float, float] | None:
     """As ``unprofiled_forward_idle_ms``, from the forward's graph replayed with the host ahead
     (``held_forward_ms``): the GPU's waits inside the graph, without the launch latency at the step's start."""
-    trace = row.get("trace") or {}
-    held = row.get("held_forward_ms")
-    if held is None or "forward_gpu_ms" not in trace:
-        return None
-    busy = trace["forward_gpu_ms"] - trace.get("forward_idle_ms", 0.0)
-    return held, busy, held - busy
+    return _forward_idle_ms(row, row.get("held_forward_ms"))
 
 
 def _unprofiled_forward(row: dict) -> str:

@@ -100,7 +100,9 @@ def build_runner(base: str, executor: str | None, session, plan, *, parts_prefix
 
     train_graph = _captured_graph(base, session, plan, parts_prefix, plan_variants)
     forward_a2a = len(analyze(train_graph).collectives_of("all_to_all", "forward"))
-    label = (base if executor is None else f"{base}:{executor}") + ("+inline" if inline_collectives else "")
+    from lancet.app.bench import INLINE_SUFFIX
+
+    label = (base if executor is None else f"{base}:{executor}") + (INLINE_SUFFIX if inline_collectives else "")
     options = {"inline_collectives": True} if inline_collectives else {}
     runner = make_executor(train_graph, executor, progress=compile_progress(session.runtime.is_main, label),
                            functions=functions, **options)

@@ -121,9 +121,11 @@ class StepExecutor:
         names = inline_candidates(self.train_graph.graph)
         inlined = 0
         for phase in self.program.phases:
-            inlined += inline_collectives(phase.module, names)
-            phase.module.recompile()
-            phase.impl = phase.module.forward
+            changed = inline_collectives(phase.module, names)
+            if changed:
+                phase.module.recompile()
+                phase.impl = phase.module.forward
+            inlined += changed
         return inlined
 
     @property
