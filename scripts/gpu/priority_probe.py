@@ -1,6 +1,7 @@
 """What batch-prioritized capacity routing costs a replayed graph, by method (one GPU).
 
-    python3 scripts/gpu/priority_probe.py [--tokens 12288,24576,6144] [--experts 2] [--json OUT.json]
+    python3 scripts/gpu/priority_probe.py [--tokens 12288,24576,6144] [--experts 2] [--methods argsort,runs-1024]
+        [--json OUT.json]
 
 The padded dispatch's ``capacity_slots`` for the batch-prioritized gate needs, per expert, the ``C``
 tokens of highest top-1 probability (ties to the earlier token). Four ways, each checked equal (kept set)
@@ -8,7 +9,8 @@ to the first on the probe's data, each run 12 times in a row (one per MoE layer 
 ``argsort`` (a stable sort of all probabilities, what ``lancet.moe.padded.capacity_slots`` does), ``kthvalue``
 (each expert's C-th largest probability by a radix select, then ties in token order), ``topk`` (the same
 threshold from an unsorted top-k), ``pairwise`` (each token counts the tokens of its expert ahead of it: one
-T x T Inductor reduction, nothing materialised). Each method runs under ``torch.compile``. Per
+T x T Inductor reduction, nothing materialised), ``runs-N`` (``lancet.moe.priority_positions``: one unique int64
+key per token, runs of N keys sorted each in one thread block, positions counted by one searchsorted). Each method runs under ``torch.compile``. Per
 method: kernels per call, busy time per call (profiled), replay time per call (CUDA events, no profiler).
 """
 
@@ -21,6 +23,7 @@ import statistics
 import torch
 
 from lancet.moe.gates import _positions_in_order, capacity
+from lancet.moe.priority_positions import positions_by_priority
 
 CALLS = 12
 
@@ -62,6 +65,12 @@ def by_pairwise(expert_T, prob_T, num_experts, cap):
     return ((expert_T[None, :] == expert_T[:, None]) & ahead_TT).sum(dim=1) < cap
 
 
+def by_runs(run_length):
+    def keep(expert_T, prob_T, num_experts, cap):
+        return positions_by_priority(expert_T, prob_T, num_experts, run_length) < cap
+    return keep
+
+
 def _measure(fn, expert_T, prob_T, num_experts, cap):
     def chain():
         out = None
@@ -97,10 +106,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", default="12288,24576,6144")
     parser.add_argument("--experts", type=int, default=2)
+    parser.add_argument("--methods", default="argsort,runs-512,runs-1024,runs-2048,runs-4096",
+                        help="argsort, kthvalue, topk, pairwise, runs-N (comma-separated)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    methods = {"argsort": by_argsort, "kthvalue": by_kthvalue, "topk": by_topk, "pairwise": by_pairwise}
+    fixed = {"argsort": by_argsort, "kthvalue": by_kthvalue, "topk": by_topk, "pairwise": by_pairwise}
+    methods = {name: fixed[name] if name in fixed else by_runs(int(name.removeprefix("runs-")))
+               for name in args.methods.split(",")}
     rows = []
     print("| tokens | method | equal kept set | kernels per call | busy us per call | replay us per call |")
     print("|---|---|---|---|---|---|")

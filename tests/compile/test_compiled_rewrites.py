@@ -1,22 +1,26 @@
 """Rewrites that only take effect in compiled regions, compiled with Inductor on the CPU (seconds each): the
-padded dispatch's inlined ops (batch_prioritized: a stable sort inside a region) and the batched parameter
+padded dispatch's inlined ops (batch_prioritized: a stable sort, or sorted runs, inside a region) and the batched parameter
 casts (a foreach copy)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lancet.app.data import BatchSource
 from lancet.capture.trace import capture_step
 from lancet.models import build_model, model_config
 from lancet.moe import GateConfig
+from lancet.moe.priority_positions import ENV, METHODS
 from lancet.runtime.captured import CapturedStep
 from lancet.runtime.executor import make_executor
 from lancet.step.train_step import TrainStep
 from tests.unit.test_param_casts import _bf16_step
 
 
-def test_batch_prioritized_step_compiled_with_inlined_ops_equals_the_graph():
+@pytest.mark.parametrize("positions", METHODS)
+def test_batch_prioritized_step_compiled_with_inlined_ops_equals_the_graph(positions, monkeypatch):
+    monkeypatch.setenv(ENV, positions)  # sort, or sorted runs (lancet::keys_below inside the region)
     cfg = model_config("gpt2_moe_nl1_m16_nh2_sl8_b2", vocab_size=97,
                        gate=GateConfig(kind="batch_prioritized", capacity_factor=0.5))
     torch.manual_seed(0)

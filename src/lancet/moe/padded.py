@@ -36,6 +36,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import Tensor
 
 from lancet.moe.gates import _positions_in_order, capacity
+from lancet.moe.priority_positions import positions
 
 
 def _capacity_of(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
@@ -59,9 +60,7 @@ def capacity_slots_impl(expert_T: Tensor, priority_T: Tensor | None, num_experts
     if priority_T is None:
         position_T = _positions_in_order(expert_T, num_experts)
     else:
-        order_T = torch.argsort(priority_T, descending=True, stable=True)
-        position_sorted_T = _positions_in_order(expert_T[order_T], num_experts)
-        position_T = torch.empty_like(position_sorted_T).scatter_(0, order_T, position_sorted_T)
+        position_T = positions(expert_T, priority_T, num_experts)
     return torch.where(position_T < cap, expert_T * cap + position_T, torch.full_like(position_T, -1))
 
 

@@ -1,0 +1,119 @@
+"""Position of each token within its expert by descending priority, without a device-wide sort.
+
+The batch-prioritized gate serves each expert's tokens highest top-1 probability first, ties to the
+earlier token. The obvious way, a stable ``argsort`` of all T priorities, is a device-wide radix sort: on
+a GPU about twenty dependent kernels per MoE layer (four radix passes over 32-bit keys), each a gap in a
+replayed graph. Here every token gets one int64 key that orders it exactly as that rule does, and unique::
+
+    key = expert * 2**(32 + B) + descending_priority_bits * 2**B + token index     (B: bits of T - 1)
+
+so a token's position within its expert is the number of keys below its own minus the number below its
+expert's first possible key. The keys are cut into runs of ``RUN_LENGTH``, each run sorted on its own (one
+kernel: a run fits one thread block's sort), and "keys below x" is one batched ``searchsorted`` over the
+runs, summed. Same positions as the sort, bit for bit (``tests/unit/test_priority_positions.py``); when the
+key does not fit 63 bits (more than ``2**(31 - B)`` experts) the stable argsort is used.
+
+The padded dispatch uses the sort unless ``LANCET_PRIORITY_POSITIONS=runs``: the runs' searchsorted and sum
+have not yet run on a GPU as they are written here (``lancet::keys_below``, torch's kernels), only through
+Inductor's lowering of them, which docs/results.md run 18 describes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from lancet.moe.gates import _positions_in_order
+
+ENV = "LANCET_PRIORITY_POSITIONS"
+METHODS = ("sort", "runs")
+
+RUN_LENGTH = 2048
+"""Keys per independently sorted run; at most 4096 (the largest row torch sorts within one thread block)."""
+
+
+def positions_by_argsort(expert_T: Tensor, priority_T: Tensor, num_experts: int) -> Tensor:
+    """The same positions from a stable descending sort of all priorities (the reference rule)."""
+    order_T = torch.argsort(priority_T, descending=True, stable=True)
+    position_sorted_T = _positions_in_order(expert_T[order_T], num_experts)
+    return torch.empty_like(position_sorted_T).scatter_(0, order_T, position_sorted_T)
+
+
+def _descending_bits(priority_T: Tensor) -> Tensor:
+    """int64 in [0, 2**32) that is smaller for a larger priority, equal for equal priorities.
+
+    Order-preserving map of float32 bits (negative floats reversed), with -0.0 taken as +0.0 and every NaN as
+    one NaN above +inf, as torch's sort orders them.
+    """
+    value_T = priority_T.to(torch.float32) + 0.0  # -0.0 + 0.0 == +0.0
+    value_T = torch.where(torch.isnan(value_T), torch.full_like(value_T, float("nan")), value_T)
+    signed_T = value_T.view(torch.int32).to(torch.int64)
+    ascending_T = torch.where(signed_T >= 0, signed_T + 2**31, -1 - signed_T)
+    return (2**32 - 1) - ascending_T
+
+
+def _index_bits(num_tokens: int) -> int:
+    return max(1, (num_tokens - 1).bit_length())
+
+
+def fits_one_key(num_tokens: int, num_experts: int) -> bool:
+    """Whether expert, priority bits and token index fit one non-negative int64 key."""
+    return (num_experts - 1).bit_length() + 32 + _index_bits(num_tokens) <= 63
+
+
+def positions_by_priority(expert_T: Tensor, priority_T: Tensor, num_experts: int,
+                          run_length: int = RUN_LENGTH) -> Tensor:
+    """0-based position of each token among its expert's tokens, highest priority first, ties to the earlier token.
+
+    ``expert_T`` int64 in [0, E); ``priority_T`` floating, any values. Static shapes, no host sync.
+    """
+    num_tokens = expert_T.shape[0]
+    if not 1 <= run_length <= 4096:
+        raise ValueError(f"run_length {run_length} is outside [1, 4096]")
+    if num_tokens == 0 or not fits_one_key(num_tokens, num_experts):
+        return positions_by_argsort(expert_T, priority_T, num_experts)
+    index_bits = _index_bits(num_tokens)
+    expert_base_T = expert_T.to(torch.int64) * 2 ** (32 + index_bits)
+    index_T = torch.arange(num_tokens, device=expert_T.device, dtype=torch.int64)
+    key_T = expert_base_T + _descending_bits(priority_T) * 2**index_bits + index_T
+    runs = -(-num_tokens // run_length)
+    # Padding sorts last in its run and is below no real key, so it is never counted.
+    padded_K = torch.cat([key_T, key_T.new_full((runs * run_length - num_tokens,), torch.iinfo(torch.int64).max)])
+    sorted_RL = padded_K.view(runs, run_length).sort(dim=1).values
+    query_Q = torch.cat([key_T, expert_base_T])
+    below_Q = keys_below(sorted_RL, query_Q)
+    return below_Q[:num_tokens] - below_Q[num_tokens:]
+
+
+def _keys_below_impl(sorted_runs_RL: Tensor, query_Q: Tensor) -> Tensor:
+    """For each query, the number of keys in all runs strictly below it."""
+    searched_RQ = torch.searchsorted(sorted_runs_RL, query_Q.expand(sorted_runs_RL.shape[0], -1).contiguous())
+    return searched_RQ.sum(dim=0)
+
+
+# An op of its own so that a compiled region calls torch's searchsorted and sum rather than Inductor's
+# lowering of them: on torch 2.11 that lowering, run on an H200, failed to compile the fused search-and-sum
+# for runs of 512 keys and, written as one search per run, returned wrong counts.
+keys_below = torch.library.custom_op("lancet::keys_below", _keys_below_impl, mutates_args=())
+
+
+@keys_below.register_fake
+def _keys_below_fake(sorted_runs_RL, query_Q):
+    return query_Q.new_empty(query_Q.shape)
+
+
+def priority_positions_from_environment() -> str:
+    """``LANCET_PRIORITY_POSITIONS``: ``sort`` (unset: the default) or ``runs``; ranks inherit it."""
+    value = os.environ.get(ENV, "").strip() or "sort"
+    if value not in METHODS:
+        raise ValueError(f"{ENV} must be one of {', '.join(METHODS)}, got {value!r}")
+    return value
+
+
+def positions(expert_T: Tensor, priority_T: Tensor, num_experts: int) -> Tensor:
+    """Positions by priority, by the method ``LANCET_PRIORITY_POSITIONS`` names (the same values either way)."""
+    if priority_positions_from_environment() == "runs":
+        return positions_by_priority(expert_T, priority_T, num_experts)
+    return positions_by_argsort(expert_T, priority_T, num_experts)
