@@ -28,6 +28,8 @@ from rich.table import Table
 from lancet.app.config import RunConfig
 from lancet.runtime.dist import rank_runtime
 from lancet.runtime.inductor_options import inductor_options
+from lancet.moe.priority_positions import priority_positions_from_environment
+from lancet.runtime.hardware_queues import hardware_queues
 from lancet.runtime.inline_collectives import inline_from_environment
 from lancet.app.gc_policy import ScheduledCollection
 from lancet.app.report import header_line
@@ -380,7 +382,8 @@ def _write_json(path: str, run: RunConfig, world_size: int, rows: list[dict]) ->
         emulated = emulation.record() if emulation is not None else None
         json.dump({"run": run.to_dict(), "world_size": world_size, "emulated": emulated,
                    "inductor_options": inductor_options(), "inline_collectives": inline_from_environment(),
-                   "results": rows}, f, indent=1)
+                   "cuda_device_max_connections": hardware_queues(),
+                   "priority_positions": priority_positions_from_environment(), "results": rows}, f, indent=1)
     partial.replace(path)
 
 

@@ -16,6 +16,8 @@ from lancet.app.experiment.commands import add_parser as add_experiment_parser
 from lancet.app.guard import NONFINITE_POLICIES
 from lancet.runtime.dist import DEFAULT_COLLECTIVE_TIMEOUT_S, NETWORK_ENV, Interrupted, RankFailed, launch, planned_world_size, under_torchrun
 from lancet.moe import DISPATCH_KINDS, GATE_KINDS
+from lancet.moe.priority_positions import priority_positions_from_environment
+from lancet.runtime.hardware_queues import default_hardware_queues
 
 INTERRUPTED_STATUS = 130
 """Exit status after Ctrl-C (128 + SIGINT), as shells use."""
@@ -418,6 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        default_hardware_queues()
+        priority_positions_from_environment()
+    except ValueError as err:
+        return _error(args.command, str(err), 2)
     try:
         return args.func(args)
     except UsageError as err:
