@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The step's GPU idle under environment toggles: one bench process per toggle (each process reads them as it starts).
 #
-#   VARIANTS=captured:cudagraph,captured:cudagraph+inline TOGGLES="base CUDA_DEVICE_MAX_CONNECTIONS=1" REPEAT=2 \
+#   VARIANTS=captured:cudagraph,captured:cudagraph+inline TOGGLES="base CUDA_DEVICE_MAX_CONNECTIONS=8" REPEAT=2 \
 #       bash scripts/gpu/idle_toggles.sh
+#
+# base is lancet's defaults (one hardware queue, CUDA_DEVICE_MAX_CONNECTIONS=1, since run 18; CUDA's own default
+# of 8 before); CUDA_DEVICE_MAX_CONNECTIONS=8 measures CUDA's default.
 #
 # MODEL [gpt2_moe_nl12_m768_nh16_sl512_b48], GATE [switch], VARIANTS [captured:cudagraph], EXTRA [] (more bench
 # arguments, e.g. "--emulate 8:ib400 --plan PLAN.json"), STEPS [6], BENCH_S [150] per bench, REPEAT [1]: the
