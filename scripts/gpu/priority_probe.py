@@ -9,9 +9,10 @@ to the first on the probe's data, each run 12 times in a row (one per MoE layer 
 ``argsort`` (a stable sort of all probabilities, what ``lancet.moe.padded.capacity_slots`` does), ``kthvalue``
 (each expert's C-th largest probability by a radix select, then ties in token order), ``topk`` (the same
 threshold from an unsorted top-k), ``pairwise`` (each token counts the tokens of its expert ahead of it: one
-T x T Inductor reduction, nothing materialised), ``runs-N`` (``lancet.moe.priority_positions``: one unique int64
-key per token, runs of N keys sorted each in one thread block, positions counted by one searchsorted). Each method runs under ``torch.compile``. Per
-method: kernels per call, busy time per call (profiled), replay time per call (CUDA events, no profiler).
+T x T Inductor reduction, nothing materialised), ``runs-N`` (``lancet.moe.priority_positions``: one unique
+int64 key per token, runs of N keys sorted each in one thread block, positions counted by one searchsorted).
+Each method runs under ``torch.compile``. Per method: kernels per call, busy time per call (profiled), replay
+time per call (CUDA events, no profiler).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def by_topk(expert_T, prob_T, num_experts, cap):
 
 def by_pairwise(expert_T, prob_T, num_experts, cap):
     index_T = torch.arange(expert_T.shape[0], device=expert_T.device)
-    ahead_TT = (prob_T[None, :] > prob_T[:, None]) | ((prob_T[None, :] == prob_T[:, None]) & (index_T[None, :] < index_T[:, None]))
+    earlier_TT = index_T[None, :] < index_T[:, None]
+    ahead_TT = (prob_T[None, :] > prob_T[:, None]) | ((prob_T[None, :] == prob_T[:, None]) & earlier_TT)
     return ((expert_T[None, :] == expert_T[:, None]) & ahead_TT).sum(dim=1) < cap
 
 

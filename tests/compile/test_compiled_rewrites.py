@@ -1,6 +1,6 @@
 """Rewrites that only take effect in compiled regions, compiled with Inductor on the CPU (seconds each): the
-padded dispatch's inlined ops (batch_prioritized: a stable sort, or sorted runs, inside a region) and the batched parameter
-casts (a foreach copy)."""
+padded dispatch's inlined ops (batch_prioritized: a stable sort, or sorted runs, inside a region) and the
+batched parameter casts (a foreach copy)."""
 
 from __future__ import annotations
 
