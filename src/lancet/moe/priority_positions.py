@@ -13,9 +13,9 @@ kernel: a run fits one thread block's sort), and "keys below x" is one batched `
 runs, summed. Same positions as the sort, bit for bit (``tests/unit/test_priority_positions.py``); when the
 key does not fit 63 bits (more than ``2**(31 - B)`` experts) the stable argsort is used.
 
-The padded dispatch uses the sort unless ``LANCET_PRIORITY_POSITIONS=runs``: the runs' searchsorted and sum
-have not yet run on a GPU as they are written here (``lancet::keys_below``, torch's kernels), only through
-Inductor's lowering of them, which docs/results.md run 18 describes.
+The padded dispatch uses the sort unless ``LANCET_PRIORITY_POSITIONS=runs``: the runs' sort, search and sum
+have not yet run on a GPU as they are written here (``lancet::keys_below``, torch's kernels in compiled
+regions too), only through Inductor's lowering of them, which docs/results.md run 18 describes.
 """
 
 from __future__ import annotations
@@ -78,29 +78,27 @@ def positions_by_priority(expert_T: Tensor, priority_T: Tensor, num_experts: int
     expert_base_T = expert_T.to(torch.int64) * 2 ** (32 + index_bits)
     index_T = torch.arange(num_tokens, device=expert_T.device, dtype=torch.int64)
     key_T = expert_base_T + _descending_bits(priority_T) * 2**index_bits + index_T
-    runs = -(-num_tokens // run_length)
-    # Padding sorts last in its run and is below no real key, so it is never counted.
-    padded_K = torch.cat([key_T, key_T.new_full((runs * run_length - num_tokens,), torch.iinfo(torch.int64).max)])
-    sorted_RL = padded_K.view(runs, run_length).sort(dim=1).values
-    query_Q = torch.cat([key_T, expert_base_T])
-    below_Q = keys_below(sorted_RL, query_Q)
+    below_Q = keys_below(key_T, torch.cat([key_T, expert_base_T]), run_length)
     return below_Q[:num_tokens] - below_Q[num_tokens:]
 
 
-def _keys_below_impl(sorted_runs_RL: Tensor, query_Q: Tensor) -> Tensor:
-    """For each query, the number of keys in all runs strictly below it."""
-    searched_RQ = torch.searchsorted(sorted_runs_RL, query_Q.expand(sorted_runs_RL.shape[0], -1).contiguous())
-    return searched_RQ.sum(dim=0)
+def _keys_below_impl(key_K: Tensor, query_Q: Tensor, run_length: int) -> Tensor:
+    """For each query, the number of keys strictly below it: runs of ``run_length`` keys sorted, then searched."""
+    runs = -(-key_K.shape[0] // run_length)
+    # Padding sorts last in its run and is below no real key, so it is never counted.
+    padded_K = torch.cat([key_K, key_K.new_full((runs * run_length - key_K.shape[0],), torch.iinfo(torch.int64).max)])
+    sorted_RL = padded_K.view(runs, run_length).sort(dim=1).values
+    return torch.searchsorted(sorted_RL, query_Q.expand(runs, -1).contiguous()).sum(dim=0)
 
 
-# An op of its own so that a compiled region calls torch's searchsorted and sum rather than Inductor's
-# lowering of them: on torch 2.11 that lowering, run on an H200, failed to compile the fused search-and-sum
-# for runs of 512 keys and, written as one search per run, returned wrong counts.
+# An op of its own, so that a compiled region runs torch's sort, searchsorted and sum (what the eager step
+# runs) rather than Inductor's lowering of them: on torch 2.11 on an H200 that lowering failed to compile
+# the fused search-and-sum for runs of 512 keys and, written as one search per run, returned wrong counts.
 keys_below = torch.library.custom_op("lancet::keys_below", _keys_below_impl, mutates_args=())
 
 
 @keys_below.register_fake
-def _keys_below_fake(sorted_runs_RL, query_Q):
+def _keys_below_fake(key_K, query_Q, run_length):
     return query_Q.new_empty(query_Q.shape)
 
 
