@@ -23,17 +23,14 @@ import statistics
 
 import torch
 
-from lancet.moe.gates import _positions_in_order, capacity
+from lancet.moe.gates import capacity, positions_by_argsort
 from lancet.moe.priority_positions import positions_by_priority
 
 CALLS = 12
 
 
 def by_argsort(expert_T, prob_T, num_experts, cap):
-    order_T = torch.argsort(prob_T, descending=True, stable=True)
-    position_sorted_T = _positions_in_order(expert_T[order_T], num_experts)
-    position_T = torch.empty_like(position_sorted_T).scatter_(0, order_T, position_sorted_T)
-    return position_T < cap
+    return positions_by_argsort(expert_T, prob_T, num_experts) < cap
 
 
 def _keep_from_threshold(expert_T, prob_T, num_experts, cap, threshold_E):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lancet.moe.priority_positions import positions_by_argsort, positions_by_priority
+from lancet.moe.gates import positions_by_argsort
+from lancet.moe.priority_positions import positions_by_priority
 
 
 @pytest.mark.parametrize("run_length", [512, 2048])

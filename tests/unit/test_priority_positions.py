@@ -7,7 +7,8 @@ import torch
 
 from lancet.moe import priority_positions
 from lancet.moe.padded import capacity_slots
-from lancet.moe.priority_positions import fits_one_key, positions_by_argsort, positions_by_priority
+from lancet.moe.gates import positions_by_argsort
+from lancet.moe.priority_positions import fits_one_key, positions_by_priority
 
 pytestmark = pytest.mark.unit
 

@@ -122,12 +122,17 @@ def switch_keep(expert_T: Tensor, num_experts: int, cap: int) -> Tensor:
     return _positions_in_order(expert_T, num_experts) < cap
 
 
+def positions_by_argsort(expert_T: Tensor, priority_T: Tensor, num_experts: int) -> Tensor:
+    """0-based position of each token within its expert, highest priority first, ties to the earlier token:
+    a stable descending sort of all priorities."""
+    order_T = torch.argsort(priority_T, descending=True, stable=True)
+    position_sorted_T = _positions_in_order(expert_T[order_T], num_experts)
+    return torch.empty_like(position_sorted_T).scatter_(0, order_T, position_sorted_T)
+
+
 def batch_prioritized_keep(expert_T: Tensor, prob_T: Tensor, num_experts: int, cap: int) -> Tensor:
     """Capacity slots go to the tokens with the highest top-1 probability (ties: earlier token)."""
-    priority_order_T = torch.argsort(prob_T, descending=True, stable=True)
-    position_in_priority_T = _positions_in_order(expert_T[priority_order_T], num_experts)
-    keep_sorted_T = position_in_priority_T < cap
-    return torch.empty_like(keep_sorted_T).scatter_(0, priority_order_T, keep_sorted_T)
+    return positions_by_argsort(expert_T, prob_T, num_experts) < cap
 
 
 def topk_keep(expert_TK: Tensor, num_experts: int, cap: int) -> Tensor:

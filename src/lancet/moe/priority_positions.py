@@ -25,20 +25,13 @@ import os
 import torch
 from torch import Tensor
 
-from lancet.moe.gates import _positions_in_order
+from lancet.moe.gates import positions_by_argsort
 
 ENV = "LANCET_PRIORITY_POSITIONS"
 METHODS = ("sort", "runs")
 
 RUN_LENGTH = 2048
 """Keys per independently sorted run; at most 4096 (the largest row torch sorts within one thread block)."""
-
-
-def positions_by_argsort(expert_T: Tensor, priority_T: Tensor, num_experts: int) -> Tensor:
-    """The same positions from a stable descending sort of all priorities (the reference rule)."""
-    order_T = torch.argsort(priority_T, descending=True, stable=True)
-    position_sorted_T = _positions_in_order(expert_T[order_T], num_experts)
-    return torch.empty_like(position_sorted_T).scatter_(0, order_T, position_sorted_T)
 
 
 def _descending_bits(priority_T: Tensor) -> Tensor:
