@@ -20,7 +20,7 @@ from tests.unit.test_param_casts import _bf16_step
 
 @pytest.mark.parametrize("positions", METHODS)
 def test_batch_prioritized_step_compiled_with_inlined_ops_equals_the_graph(positions, monkeypatch):
-    monkeypatch.setenv(ENV, positions)  # sort, or sorted runs (lancet::keys_below inside the region)
+    monkeypatch.setenv(ENV, positions)  # sort, or sorted runs (lancet::runs_below inside the region)
     cfg = model_config("gpt2_moe_nl1_m16_nh2_sl8_b2", vocab_size=97,
                        gate=GateConfig(kind="batch_prioritized", capacity_factor=0.5))
     torch.manual_seed(0)

@@ -68,11 +68,11 @@ def test_run_length_beyond_one_block_sort_is_refused():
 
 def test_method_from_the_environment(monkeypatch):
     monkeypatch.delenv(priority_positions.ENV, raising=False)
-    assert priority_positions.priority_positions_from_environment() == "sort"
-    monkeypatch.setenv(priority_positions.ENV, "runs")
     assert priority_positions.priority_positions_from_environment() == "runs"
+    monkeypatch.setenv(priority_positions.ENV, "sort")
+    assert priority_positions.priority_positions_from_environment() == "sort"
     monkeypatch.setenv(priority_positions.ENV, "radix")
-    with pytest.raises(ValueError, match="LANCET_PRIORITY_POSITIONS must be one of sort, runs"):
+    with pytest.raises(ValueError, match="LANCET_PRIORITY_POSITIONS must be one of runs, sort"):
         priority_positions.priority_positions_from_environment()
 
 

@@ -10,12 +10,12 @@ replayed graph. Here every token gets one int64 key that orders it exactly as th
 so a token's position within its expert is the number of keys below its own minus the number below its
 expert's first possible key. The keys are cut into runs of ``RUN_LENGTH``, each run sorted on its own (one
 kernel: a run fits one thread block's sort), and "keys below x" is one batched ``searchsorted`` over the
-runs, summed. Same positions as the sort, bit for bit (``tests/unit/test_priority_positions.py``); when the
-key does not fit 63 bits (more than ``2**(31 - B)`` experts) the stable argsort is used.
+runs, summed. Same positions as the sort, bit for bit (``tests/unit/test_priority_positions.py``, and on a
+GPU ``tests/gpu/test_priority_positions_cuda.py``); when the key does not fit 63 bits (more than
+``2**(31 - B)`` experts) the stable argsort is used.
 
-The padded dispatch uses the sort unless ``LANCET_PRIORITY_POSITIONS=runs``: the runs' sort, search and sum
-have not yet run on a GPU as they are written here (``lancet::keys_below``, torch's kernels in compiled
-regions too), only through Inductor's lowering of them, which docs/results.md run 18 describes.
+The padded dispatch uses the runs unless ``LANCET_PRIORITY_POSITIONS=sort`` (the stable argsort, the same
+values by more kernels).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import Tensor
 from lancet.moe.gates import positions_by_argsort
 
 ENV = "LANCET_PRIORITY_POSITIONS"
-METHODS = ("sort", "runs")
+METHODS = ("runs", "sort")
 
 RUN_LENGTH = 2048
 """Keys per independently sorted run; at most 4096 (the largest row torch sorts within one thread block)."""
@@ -71,33 +71,36 @@ def positions_by_priority(expert_T: Tensor, priority_T: Tensor, num_experts: int
     expert_base_T = expert_T.to(torch.int64) * 2 ** (32 + index_bits)
     index_T = torch.arange(num_tokens, device=expert_T.device, dtype=torch.int64)
     key_T = expert_base_T + _descending_bits(priority_T) * 2**index_bits + index_T
-    below_Q = keys_below(key_T, torch.cat([key_T, expert_base_T]), run_length)
+    runs = -(-num_tokens // run_length)
+    # Padding sorts last in its run and is below no real key, so it is never counted.
+    padding = key_T.new_full((runs * run_length - num_tokens,), torch.iinfo(torch.int64).max)
+    key_RL = torch.cat([key_T, padding]).view(runs, run_length)
+    query_RQ = torch.cat([key_T, expert_base_T]).expand(runs, -1).contiguous()
+    below_Q = runs_below(key_RL, query_RQ).sum(dim=0)
     return below_Q[:num_tokens] - below_Q[num_tokens:]
 
 
-def _keys_below_impl(key_K: Tensor, query_Q: Tensor, run_length: int) -> Tensor:
-    """For each query, the number of keys strictly below it: runs of ``run_length`` keys sorted, then searched."""
-    runs = -(-key_K.shape[0] // run_length)
-    # Padding sorts last in its run and is below no real key, so it is never counted.
-    padded_K = torch.cat([key_K, key_K.new_full((runs * run_length - key_K.shape[0],), torch.iinfo(torch.int64).max)])
-    sorted_RL = padded_K.view(runs, run_length).sort(dim=1).values
-    return torch.searchsorted(sorted_RL, query_Q.expand(runs, -1).contiguous()).sum(dim=0)
+def _runs_below_impl(key_RL: Tensor, query_RQ: Tensor) -> Tensor:
+    """Per run r and query q, the number of keys of run r strictly below ``query_RQ[r, q]``: each run sorted
+    (a row of at most 4096 keys is one thread block's sort on a GPU), then one batched search."""
+    return torch.searchsorted(key_RL.sort(dim=1).values, query_RQ)
 
 
-# An op of its own, so that a compiled region runs torch's sort, searchsorted and sum (what the eager step
-# runs) rather than Inductor's lowering of them: on torch 2.11 on an H200 that lowering failed to compile
-# the fused search-and-sum for runs of 512 keys and, written as one search per run, returned wrong counts.
-keys_below = torch.library.custom_op("lancet::keys_below", _keys_below_impl, mutates_args=())
+# An op of its own, so that a compiled region runs torch's sort and searchsorted (what the eager step runs)
+# rather than Inductor's lowering of them: on torch 2.11 on an H200 that lowering failed to compile a fused
+# search-and-sum for runs of 512 keys and, written as one search per run, returned wrong counts. The padding,
+# the queries and the sum stay outside, where Inductor fuses them into the gate's pointwise kernels.
+runs_below = torch.library.custom_op("lancet::runs_below", _runs_below_impl, mutates_args=())
 
 
-@keys_below.register_fake
-def _keys_below_fake(key_K, query_Q, run_length):
-    return query_Q.new_empty(query_Q.shape)
+@runs_below.register_fake
+def _runs_below_fake(key_RL, query_RQ):
+    return query_RQ.new_empty(query_RQ.shape)
 
 
 def priority_positions_from_environment() -> str:
-    """``LANCET_PRIORITY_POSITIONS``: ``sort`` (unset: the default) or ``runs``; ranks inherit it."""
-    value = os.environ.get(ENV, "").strip() or "sort"
+    """``LANCET_PRIORITY_POSITIONS``: ``runs`` (unset: the default) or ``sort``; ranks inherit it."""
+    value = os.environ.get(ENV, "").strip() or "runs"
     if value not in METHODS:
         raise ValueError(f"{ENV} must be one of {', '.join(METHODS)}, got {value!r}")
     return value
