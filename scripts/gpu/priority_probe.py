@@ -6,7 +6,7 @@
 The padded dispatch's ``capacity_slots`` for the batch-prioritized gate needs, per expert, the ``C``
 tokens of highest top-1 probability (ties to the earlier token). Four ways, each checked equal (kept set)
 to the first on the probe's data, each run 12 times in a row (one per MoE layer of nl24) in a CUDA graph:
-``argsort`` (a stable sort of all probabilities, what ``lancet.moe.padded.capacity_slots`` does), ``kthvalue``
+``argsort`` (a stable sort of all probabilities, ``LANCET_PRIORITY_POSITIONS=sort``), ``kthvalue``
 (each expert's C-th largest probability by a radix select, then ties in token order), ``topk`` (the same
 threshold from an unsorted top-k), ``pairwise`` (each token counts the tokens of its expert ahead of it: one
 T x T Inductor reduction, nothing materialised), ``runs-N`` (``lancet.moe.priority_positions``: one unique
