@@ -18,23 +18,33 @@ from lancet.moe import MoELayer, MoEOutput
 from lancet.step.train_step import TrainStep
 
 
-def python_keep(
-    experts: list[int], probs: list[float], num_experts: int, capacity_factor: float, kind: str
-) -> list[bool]:
-    """switch: first come, first served in token order; batch_prioritized: highest probability first, ties to
-    the earlier token. Capacity int(cf * ceil(T / E)) per expert."""
-    capacity = int(capacity_factor * math.ceil(len(experts) / num_experts))
+def python_positions(experts: list[int], probs: list[float], num_experts: int, kind: str) -> list[int]:
+    """Each token's 0-based arrival position at its expert in serving order. switch: token order;
+    batch_prioritized: highest probability first, ties to the earlier token."""
     if kind == "switch":
         order = range(len(experts))
     else:
         order = sorted(range(len(experts)), key=lambda t: (-probs[t], t))
     taken = [0] * num_experts
-    keep = [False] * len(experts)
+    positions = [0] * len(experts)
     for t in order:
-        if taken[experts[t]] < capacity:
-            taken[experts[t]] += 1
-            keep[t] = True
-    return keep
+        positions[t] = taken[experts[t]]
+        taken[experts[t]] += 1
+    return positions
+
+
+def python_capacity(num_tokens: int, num_experts: int, capacity_factor: float) -> int:
+    """int(cf * ceil(T / E)) slots per expert."""
+    return int(capacity_factor * math.ceil(num_tokens / num_experts))
+
+
+def python_keep(
+    experts: list[int], probs: list[float], num_experts: int, capacity_factor: float, kind: str
+) -> list[bool]:
+    """A token is kept when it arrives (``python_positions``) while its expert has a free slot of
+    ``python_capacity``."""
+    capacity = python_capacity(len(experts), num_experts, capacity_factor)
+    return [position < capacity for position in python_positions(experts, probs, num_experts, kind)]
 
 
 class DenseReferenceMoE(nn.Module):

@@ -11,21 +11,14 @@ from lancet.moe import GateConfig
 from lancet.moe.padded import capacity_slots, slot_gather, slot_scatter
 from lancet.passes.partition.axes import REPLICATED, TOKEN, Context, Inferred, infer
 from lancet.plan.artifact import ArtifactMismatch, read_artifact, write_artifact
-from tests.dense_reference import python_keep
+from tests.dense_reference import python_capacity, python_positions
 
 
 def _python_slots(experts, probs, num_experts, cf, kind):
     """Slot = expert * C + arrival position in serving order, -1 when dropped."""
-    keep = python_keep(experts, probs, num_experts, cf, kind)
-    capacity = int(cf * -(-len(experts) // num_experts))
-    order = range(len(experts)) if kind == "switch" else sorted(range(len(experts)), key=lambda t: (-probs[t], t))
-    taken = [0] * num_experts
-    slots = [-1] * len(experts)
-    for t in order:
-        if keep[t]:
-            slots[t] = experts[t] * capacity + taken[experts[t]]
-            taken[experts[t]] += 1
-    return slots
+    capacity = python_capacity(len(experts), num_experts, cf)
+    positions = python_positions(experts, probs, num_experts, kind)
+    return [e * capacity + p if p < capacity else -1 for e, p in zip(experts, positions)]
 
 
 @pytest.mark.parametrize("kind", ["switch", "batch_prioritized"])

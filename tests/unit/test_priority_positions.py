@@ -9,18 +9,9 @@ from lancet.moe import priority_positions
 from lancet.moe.padded import capacity_slots
 from lancet.moe.gates import positions_by_argsort
 from lancet.moe.priority_positions import fits_one_key, positions_by_priority
+from tests.dense_reference import python_positions
 
 pytestmark = pytest.mark.unit
-
-
-def _python_positions(experts: list[int], priorities: list[float]) -> list[int]:
-    order = sorted(range(len(experts)), key=lambda t: (-priorities[t], t))
-    taken: dict[int, int] = {}
-    positions = [0] * len(experts)
-    for t in order:
-        positions[t] = taken.get(experts[t], 0)
-        taken[experts[t]] = positions[t] + 1
-    return positions
 
 
 @pytest.mark.parametrize("tokens, experts, run_length", [(1, 1, 4), (7, 3, 4), (64, 4, 16), (100, 8, 7),
@@ -30,7 +21,8 @@ def test_equal_to_the_rule_with_ties(tokens, experts, run_length):
     expert_T = torch.randint(0, experts, (tokens,), generator=generator)
     priority_T = torch.randint(0, 5, (tokens,), generator=generator).float() / 4  # many ties
     positions = positions_by_priority(expert_T, priority_T, experts, run_length)
-    assert positions.tolist() == _python_positions(expert_T.tolist(), priority_T.tolist())
+    assert positions.tolist() == python_positions(expert_T.tolist(), priority_T.tolist(), experts,
+                                                 "batch_prioritized")
     assert torch.equal(positions, positions_by_argsort(expert_T, priority_T, experts))
 
 
